@@ -1,0 +1,230 @@
+"""The ``detector`` command line: a thin layer of click commands over the Python API.
+
+Only this module knows click. Each command turns its options into plain arguments or a config
+object, calls the API, and turns exceptions into clear messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "resnet50nodown_dev.safetensors"
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="detector")
+def main() -> None:
+    """Tell AI-generated images from real photographs.
+
+    The network is the no-downsample ResNet-50 of Gragnaniello et al. (ICME 2021) and Corvi et
+    al. (ICASSP 2023). Start with `detector scan FOLDER`.
+    """
+
+
+def _load_detector(weights: str | None, architecture: str | None, device: str, precision: str):
+    from .checkpoints import CheckpointError
+    from .inference import Detector
+
+    path = Path(weights) if weights else DEFAULT_WEIGHTS
+    if not path.exists():
+        _fail(f"weights not found: {path}" + ("" if weights else " (the bundled default weights are missing from this checkout)"))
+    try:
+        detector = Detector.from_checkpoint(path, device=device, precision=precision, architecture=architecture)
+    except (CheckpointError, ValueError) as err:
+        _fail(str(err))
+    if detector.info.is_placeholder:
+        click.secho(f"WARNING: {path.name} is a placeholder checkpoint: its scores mean nothing yet.", fg="yellow", err=True)
+    return detector
+
+
+def _patch_options(f):
+    """Options shared by scan and evaluate: how images are cut and fused."""
+    from .fusion import FUSION_RULES
+
+    options = [
+        click.option("--mode", type=click.Choice(["patches", "full"]), default="patches", show_default=True,
+                     help="patches: score --num-patches crops of --patch-size px. full: the whole image at native "
+                          "resolution, tiled above --tile-size."),
+        click.option("--patch-size", default=256, show_default=True, help="Patch side in px (patches mode)."),
+        click.option("--num-patches", default=8, show_default=True, help="Patches per image (patches mode); small images give fewer."),
+        click.option("--layout", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
+                     help="Patch positions: an even grid or seeded random."),
+        click.option("--seed", default=0, show_default=True, help="Seed of random patch positions."),
+        click.option("--fusion", type=click.Choice(FUSION_RULES), default="mean", show_default=True,
+                     help="How patch logits become the image logit (patches mode)."),
+        click.option("--tile-size", default=1024, show_default=True, help="Full mode: images larger than this are tiled (bounds memory)."),
+        click.option("--tile-margin", default=128, show_default=True,
+                     help="Full mode: context px around each tile; >= the receptive-field radius makes tiling exact."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="bf16/fp16 run under autocast (faster on CPUs with AVX-512 BF16 and on GPUs)."),
+        click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass."),
+        click.option("--workers", default=2, show_default=True, help="Decoding processes (0: decode in the main process)."),
+        click.option("--max-pixels", default=1 << 28, show_default=True, help="Refuse images with more pixels (decompression bombs)."),
+        click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say "
+                     "(default resnet50nodown; Wang et al.'s CNNDetection weights: resnet50)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin):
+    from .patches import PatchSettings
+
+    try:
+        return PatchSettings(mode=mode, patch_size=patch_size, num_patches=num_patches, layout=layout, seed=seed,
+                             tile_size=tile_size, margin=tile_margin)
+    except ValueError as err:
+        _fail(str(err))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint (safetensors or a published .pth). Default: the bundled weights.")
+@click.option("--output", "-o", default="results.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="CSV written one row per file, flushed as it goes.")
+@click.option("--resume", is_flag=True, help="Skip files already in --output (after repairing a torn last row).")
+@click.option("--heatmaps", type=click.Path(file_okay=False), default=None, help="Write each image's logit map as a PNG overlay here.")
+@click.option("--table/--no-table", default=False, help="Print the results as a table on stdout at the end.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_patch_options
+def scan(inputs, weights, output, resume, heatmaps, table, quiet, mode, patch_size, num_patches, layout, seed, fusion,
+         tile_size, tile_margin, device, precision, batch_size, workers, max_pixels, architecture) -> None:
+    """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
+
+    \b
+    Examples:
+      detector scan ~/Pictures
+      detector scan photos/ --mode full --precision bf16 -o full.csv
+      detector scan list.csv --mode patches --patch-size 128 --num-patches 16 --fusion max
+    """
+    from .images import InputError
+    from .scanning import ScanOptions
+    from .scanning import scan as run
+
+    settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
+    detector = _load_detector(weights, architecture, device, precision)
+    try:
+        options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
+                              max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
+        summary = run(inputs, detector, output, options)
+    except (InputError, ValueError, FileExistsError, RuntimeError) as err:
+        _fail(str(err))
+    click.echo(summary.line(), err=True)
+    if table:
+        _print_table(summary.output)
+
+
+def _print_table(path: str) -> None:
+    import pandas as pd
+
+    df = pd.read_csv(path, keep_default_na=False)
+    shown = df[["path", "probability", "label", "width", "height", "format", "error"]].copy()
+    shown["path"] = shown["path"].map(lambda p: p if len(p) <= 50 else "..." + p[-47:])
+    with pd.option_context("display.max_rows", 200, "display.width", 160, "display.max_colwidth", 60):
+        click.echo(shown.to_string(index=False))
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the architecture names that --arch and checkpoints may use."""
+    from .models import list_models
+
+    for name in list_models():
+        click.echo(name)
+    click.echo("timm:NAME  (any timm model, with a single-logit head)")
+
+
+def _floats(text: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
+@main.command()
+@click.option("--train", "train_data", multiple=True, required=True, type=click.Path(exists=True),
+              help="Labelled training data: a manifest CSV, a CNNDetection folder or a real/generator folder. Repeatable.")
+@click.option("--val", "val_data", multiple=True, type=click.Path(exists=True),
+              help="Labelled validation data (same layouts). Or use --val-sources to hold sources out of --train.")
+@click.option("--val-sources", default="", help="Comma-separated generators and real-photo sources held out of --train for validation.")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Where checkpoints, history.csv and curves.png go.")
+@click.option("--init", default="scratch", show_default=True, help="'scratch' or a checkpoint to fine-tune (e.g. the GRIP weights).")
+@click.option("--arch", "architecture", default="resnet50nodown", show_default=True, help="Architecture name (see `detector models`), or timm:NAME.")
+@click.option("--crop-size", default=96, show_default=True, help="Training crop size in px, cut at native resolution.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate; divided by 10 when validation AUC plateaus.")
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--steps-per-epoch", default=100, show_default=True, help="Optimizer steps between validations.")
+@click.option("--max-epochs", default=100, show_default=True)
+@click.option("--max-minutes", type=float, default=None, help="Stop after this much training time (checkpoints stay resumable).")
+@click.option("--lr-patience", default=3, show_default=True, help="Epochs without AUC gain before the learning rate drops.")
+@click.option("--patience", "early_stop_patience", default=8, show_default=True, help="Epochs without AUC gain before stopping.")
+@click.option("--blur-p", default=0.5, show_default=True, help="Probability of Gaussian blur.")
+@click.option("--blur-sigma", default="0,3", show_default=True, help="Blur sigma range lo,hi.")
+@click.option("--jpeg-p", default=0.5, show_default=True, help="Probability of JPEG re-compression (after alignment).")
+@click.option("--jpeg-quality", default="30,100", show_default=True, help="Re-compression quality range lo,hi.")
+@click.option("--jpeg-align/--no-jpeg-align", default=True, show_default=True,
+              help="Give both classes the same JPEG history, so the format cannot be learnt (see README).")
+@click.option("--align-quality", default="65,100", show_default=True, help="Quality range of the alignment compression.")
+@click.option("--rotate-flip/--no-rotate-flip", default=True, show_default=True, help="Random 90-degree rotations and flips.")
+@click.option("--val-crop", default=128, show_default=True, help="Validation crop size in px.")
+@click.option("--val-crops", "val_crops_per_image", default=4, show_default=True, help="Validation crops per image.")
+@click.option("--target-far", type=float, default=None, help="Calibrate the threshold to this false-alarm rate (default: equal-error point).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --output-dir exactly where it stopped.")
+def train(train_data, val_data, val_sources, output_dir, init, architecture, crop_size, batch_size, lr, weight_decay,
+          steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
+          jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
+          device, threads, seed, resume) -> None:
+    """Train or fine-tune a detector on labelled images.
+
+    \b
+    Example (the project's default weights):
+      detector train --train ../shared/data/dev/manifest.csv \\
+        --val-sources sd-v2-depth2img,sd-v2-unclip,deb-mate-backgrounds \\
+        --output-dir runs/dev --crop-size 64 --precision bf16
+    """
+    import pandas as pd
+
+    from .datasets import read_labelled, split_by_source
+    from .images import InputError
+    from .training import Recipe, TrainConfig
+    from .training import train as run
+
+    try:
+        table = pd.concat([read_labelled(d) for d in train_data], ignore_index=True)
+        if val_data:
+            val_table = pd.concat([read_labelled(d) for d in val_data], ignore_index=True)
+        elif val_sources:
+            table, val_table = split_by_source(table, [s for s in val_sources.split(",") if s])
+        else:
+            _fail("give --val data or --val-sources to hold out of --train")
+        recipe = Recipe(crop_size=crop_size, blur_p=blur_p, blur_sigma=_floats(blur_sigma), jpeg_p=jpeg_p,
+                        jpeg_quality=tuple(int(v) for v in _floats(jpeg_quality)), jpeg_align=jpeg_align,
+                        align_quality=tuple(int(v) for v in _floats(align_quality)), rotate_flip=rotate_flip)
+        config = TrainConfig(
+            train=list(train_data), val=list(val_data) or [f"held out of --train: {val_sources}"], output_dir=output_dir,
+            architecture=architecture, init=init, recipe=recipe, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, max_minutes=max_minutes, lr_patience=lr_patience,
+            early_stop_patience=early_stop_patience, val_crop=val_crop, val_crops_per_image=val_crops_per_image,
+            precision=precision, device=device, threads=threads, seed=seed, target_far=target_far, resume=resume,
+        )
+        click.echo(f"training on {len(table)} images, validating on {len(val_table)}", err=True)
+        run(config, train_table=table, val_table=val_table, log=lambda m: click.echo(m, err=True))
+    except (InputError, ValueError, FileExistsError) as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

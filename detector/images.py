@@ -1,0 +1,237 @@
+"""Find input images and decode them to RGB without resampling, safely.
+
+Pixels are scored as they are stored: no resizing, no colour management and no EXIF rotation,
+because the traces a generator leaves live on the stored pixel grid (and JPEG's 8x8 grid).
+Every decoding failure becomes an :class:`ImageError` with a message fit for the ``error`` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageFile
+
+try:  # HEIC/HEIF (phone photos); optional at run time, installed by default
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HEIF_SUPPORTED = False
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "DecodedImage",
+    "ImageError",
+    "InputError",
+    "decode_image",
+    "find_images",
+    "read_jpeg_quality",
+    "reencode_jpeg",
+]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif"}
+)
+# 2**28 pixels (268 MP, about 0.8 GB as RGB bytes): above every camera, below decompression bombs.
+DEFAULT_MAX_PIXELS = 1 << 28
+
+# Truncated files are errors, never silently grey-filled images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's own bomb check (a warning at 89 MP) is replaced by decode_image's max_pixels, which the
+# caller sets; the size is checked from the header before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(Exception):
+    """An input that cannot be scored; the message goes into the ``error`` column."""
+
+
+class InputError(ValueError):
+    """Arguments that name no usable input (a missing path, a CSV without a ``path`` column)."""
+
+
+@dataclass
+class DecodedImage:
+    """An image as RGB uint8 pixels ``(H, W, 3)`` plus what the file said about itself."""
+
+    pixels: np.ndarray
+    format: str
+    mode: str
+    jpeg_quality: int | None = None
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def _read_csv_paths(csv_path: Path) -> list[Path]:
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise InputError(f"{csv_path}: a CSV input needs a 'path' column (found {reader.fieldnames})")
+        base = csv_path.parent
+        return [Path(p) if os.path.isabs(p) else base / p for p in (row["path"] for row in reader) if p]
+
+
+def _walk(folder: Path) -> Iterable[Path]:
+    # os.walk does not follow directory symlinks, so a symlink loop cannot trap the scan.
+    for root, dirs, files in os.walk(folder, onerror=None):
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield Path(root) / name
+
+
+def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders (recursive), glob patterns and CSV lists into image paths.
+
+    Files named explicitly are kept whatever their extension (so that a bad one gets its error
+    row); folders contribute files with an image extension. Order is deterministic (sorted within
+    each folder, arguments in the order given) and each path appears once.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            found.extend(_walk(path))
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            found.extend(_read_csv_paths(path))
+        elif path.exists() or path.is_symlink():
+            found.append(path)
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise InputError(f"no file matches {text!r}")
+            for match in matches:
+                found.extend(_walk(Path(match)) if os.path.isdir(match) else [Path(match)])
+        else:
+            raise InputError(f"{text}: no such file or folder")
+    seen: set[str] = set()
+    unique = []
+    for p in found:
+        key = os.path.normpath(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Convert any PIL mode to RGB uint8 without resampling."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        finite = arr[np.isfinite(arr)]
+        hi = float(finite.max()) if finite.size else 1.0
+        scale = 255.0 if hi <= 1.0 else (255.0 / 65535.0 if hi > 255 else 1.0)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        arr = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Keep the stored colour values and drop alpha: compositing on a background would
+        # invent pixels that were never in the file.
+        img = img.convert("RGBA").convert("RGB") if mode != "RGBA" else img.convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def _jpeg_quality(img: Image.Image) -> int | None:
+    """Estimate the JPEG quality from the luminance quantisation table (IJG scaling)."""
+    tables = getattr(img, "quantization", None)
+    if not tables or 0 not in tables:
+        return None
+    # IJG base luminance table, zig-zag order irrelevant for the mean ratio used here.
+    base = np.array(
+        [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+         14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+         49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
+    table = np.asarray(tables[0], dtype=np.float64)
+    if table.size != 64:
+        return None
+    scale = float(np.sum(table) / np.sum(base)) * 100.0
+    quality = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+    return int(min(100, max(1, round(quality))))
+
+
+def read_jpeg_quality(path: str | os.PathLike) -> int | None:
+    """Estimated quality of a JPEG file from its header, or None (not JPEG, unreadable)."""
+    try:
+        with Image.open(path) as img:
+            return _jpeg_quality(img) if img.format in ("JPEG", "MPO") else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode the first frame of an image file to RGB uint8, or raise :class:`ImageError`.
+
+    ``max_pixels`` bounds memory: larger images (and decompression bombs, which declare a huge
+    size in a few bytes) are refused before their pixels are decoded.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ImageError("is a directory")
+        with Image.open(path) as img:
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError(f"empty image ({w}x{h})")
+            if w * h > max_pixels:
+                raise ImageError(f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+            fmt = img.format or path.suffix.lstrip(".").upper()
+            mode = img.mode
+            quality = _jpeg_quality(img) if fmt in ("JPEG", "MPO") else None
+            img.seek(0)
+            img.load()
+            pixels = _to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("file not found (or a dangling symlink)") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image file (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError, KeyError) as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"cannot decode: {text}") from None
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.size == 0:
+        raise ImageError(f"unexpected pixel array of shape {pixels.shape}")
+    return DecodedImage(pixels=pixels, format=fmt, mode=mode, jpeg_quality=quality)
+
+
+def reencode_jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """RGB uint8 pixels after a JPEG round trip at ``quality`` (Pillow/libjpeg, 4:2:0), in memory.
+
+    Used to give both classes the same compression history (training's ``--jpeg-align``,
+    evaluation's ``--align-jpeg``), so that a score cannot come from the container alone.
+    """
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)

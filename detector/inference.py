@@ -1,0 +1,229 @@
+"""The :class:`Detector`: a loaded model on a device, at a precision, turning pixels into logits.
+
+Preprocessing comes from the model's :class:`~detector.models.ModelConfig` (mean/std, output
+stride), never from a copy. Crops of the same shape, from one image or many, are scored in one
+batch (:meth:`Detector.crop_maps`); :meth:`Detector.predict` is the one-image API.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import CheckpointInfo, load_model
+from .fusion import combine_crops
+from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from .patches import PatchSettings
+
+__all__ = ["PRECISIONS", "Detector", "Prediction", "keep_freed_memory", "resolve_device"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable choice is an error."""
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {name!r}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device mps requested but Apple's MPS is not available")
+    return torch.device(name)
+
+
+_MEMORY_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from returning freed activation buffers to the OS after every layer.
+
+    The no-downsample network allocates activations of tens of MB; glibc serves those with mmap
+    and unmaps them on free, so every layer page-faults its buffers in again, which costs about
+    half of a CPU forward pass here (see benchmarks/). Serving them from the heap and never
+    trimming it keeps the pages mapped. No effect off Linux/glibc. Returns whether it applied.
+    Set ``DETECTOR_KEEP_FREED_MEMORY=0`` to opt out.
+    """
+    global _MEMORY_KEPT
+    if _MEMORY_KEPT:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("DETECTOR_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**30) == 1
+    except (OSError, AttributeError):
+        return False
+    _MEMORY_KEPT = ok
+    return ok
+
+
+@dataclass
+class Prediction:
+    """One image's result."""
+
+    logit: float
+    probability: float
+    label: str
+    logit_map: np.ndarray
+    n_patches: int
+    width: int
+    height: int
+
+
+class Detector:
+    """A model ready to score images.
+
+    Build it with :meth:`from_checkpoint`. ``precision`` ``bf16``/``fp16`` runs under autocast
+    (logits come back as fp32); ``fp32`` is exact.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        info: CheckpointInfo | None = None,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        channels_last: bool = True,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.precision = precision
+        self.info = info
+        self.config = model.config
+        self.stride = int(getattr(model, "output_stride", self.config.output_stride))
+        self.channels_last = channels_last
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=memory_format)
+        self._mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        architecture: str | None = None,
+    ) -> "Detector":
+        """Load weights (any published format, see :mod:`detector.checkpoints`) and get ready."""
+        model, info = load_model(path, architecture)
+        return cls(model, info, device=device, precision=precision)
+
+    @property
+    def temperature(self) -> float:
+        return self.info.temperature if self.info else 1.0
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold if self.info else 0.0
+
+    def probability(self, logit: float) -> float:
+        """Calibrated probability that the image is generated: ``sigmoid(logit / temperature)``."""
+        z = logit / self.temperature
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+    def label(self, logit: float) -> str:
+        return "fake" if logit >= self.threshold else "real"
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+
+    def normalise(self, batch: Tensor) -> Tensor:
+        """uint8 ``(N, 3, H, W)`` (any device) to the model's normalised float input on its device."""
+        x = batch.to(self.device, non_blocking=True).float()
+        x = (x - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def crop_maps(self, batch: Tensor) -> np.ndarray:
+        """Logit maps ``(N, h, w)`` float32 of a batch of same-size uint8 crops ``(N, 3, H, W)``."""
+        with self._autocast():
+            maps = self.model.logit_map(self.normalise(batch))
+        return maps[:, 0].float().cpu().numpy()
+
+    def score_pixels(
+        self, pixels: np.ndarray, settings: PatchSettings = PatchSettings(), *, fusion: str = "mean", batch_size: int = 16
+    ) -> tuple[float, np.ndarray, int]:
+        """Image logit, logit map and number of crops for RGB uint8 pixels ``(H, W, 3)``."""
+        h, w = pixels.shape[:2]
+        crops = settings.plan(h, w)
+        maps: list[np.ndarray | None] = [None] * len(crops)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, crop in enumerate(crops):
+            by_shape.setdefault(crop.shape, []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = torch.from_numpy(np.stack([crops[i].cut(pixels) for i in chunk])).permute(0, 3, 1, 2)
+                for i, m in zip(chunk, self.crop_maps(batch)):
+                    maps[i] = m
+        logit, canvas = combine_crops(
+            crops, maps, mode=settings.mode, rule=fusion, stride=self.stride, height=h, width=w
+        )
+        return logit, canvas, len(crops)
+
+    def predict(
+        self,
+        image: str | os.PathLike | np.ndarray | DecodedImage,
+        settings: PatchSettings = PatchSettings(),
+        *,
+        fusion: str = "mean",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Prediction:
+        """Score one image (a path, a decoded image or RGB uint8 pixels ``(H, W, 3)``)."""
+        if isinstance(image, (str, os.PathLike, Path)):
+            image = decode_image(image, max_pixels=max_pixels)
+        pixels = image.pixels if isinstance(image, DecodedImage) else np.asarray(image)
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"pixels must be uint8 (H, W, 3), got {pixels.dtype} {pixels.shape}")
+        logit, canvas, n = self.score_pixels(pixels, settings, fusion=fusion)
+        return Prediction(
+            logit=logit,
+            probability=self.probability(logit),
+            label=self.label(logit),
+            logit_map=canvas,
+            n_patches=n,
+            width=pixels.shape[1],
+            height=pixels.shape[0],
+        )
+
+    def describe(self) -> dict:
+        """What produced a result: recorded in outputs next to the scores."""
+        return {
+            "weights": self.info.path if self.info else None,
+            "weights_sha256": self.info.sha256 if self.info else None,
+            "architecture": self.config.architecture,
+            "device": str(self.device),
+            "precision": self.precision,
+            "temperature": self.temperature,
+            "threshold": self.threshold,
+            "torch": torch.__version__,
+        }

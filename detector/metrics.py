@@ -1,0 +1,249 @@
+"""Detection metrics: plain functions of ``(labels, scores)``, no hidden state.
+
+``labels`` are 0 (real) / 1 (generated); ``scores`` are logits (higher = more likely generated).
+Where scikit-learn has the metric it does the work. A legal input that leaves a metric undefined
+(one class only) gives NaN with a warning, as scikit-learn does; an invalid input raises.
+
+References: EER and detection at a false-alarm rate as in the forensic literature (e.g. Corvi et
+al. 2023 report AUC and accuracy; Pd@FAR is the operating point analysts actually choose);
+ECE as in Guo et al. 2017, "On calibration of modern neural networks" (15 equal-width bins).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import average_precision_score, log_loss, roc_auc_score, roc_curve
+
+__all__ = [
+    "sigmoid",
+    "auc",
+    "auc_interval",
+    "average_precision",
+    "accuracy_real",
+    "accuracy_fake",
+    "balanced_accuracy",
+    "equal_error_rate",
+    "detection_at_far",
+    "threshold_at_far",
+    "best_threshold",
+    "expected_calibration_error",
+    "logloss",
+    "summary",
+]
+
+
+def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D arrays of one length, got {y.shape} and {s.shape}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(np.unique(y).tolist()) - {0, 1})[:5]}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinity")
+    return y.astype(int), s
+
+
+def _both_classes(y: np.ndarray, name: str) -> bool:
+    if y.size == 0 or y.min() == y.max():
+        warnings.warn(f"{name} is undefined with only one class present; returning NaN", stacklevel=3)
+        return False
+    return True
+
+
+def sigmoid(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Numerically stable logistic function of ``x / temperature``."""
+    z = np.asarray(x, dtype=np.float64) / temperature
+    out = np.empty_like(z)
+    pos = z >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
+    ez = np.exp(z[~pos])
+    out[~pos] = ez / (1.0 + ez)
+    return out
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (threshold-free)."""
+    y, s = _check(labels, scores)
+    return float(roc_auc_score(y, s)) if _both_classes(y, "AUC") else float("nan")
+
+
+def auc_interval(
+    labels: np.ndarray, scores: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC, resampling reals and fakes separately."""
+    y, s = _check(labels, scores)
+    if not _both_classes(y, "AUC interval"):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    real, fake = s[y == 0], s[y == 1]
+    values = np.empty(n_boot)
+    for i in range(n_boot):
+        r = real[rng.integers(0, real.size, real.size)]
+        f = fake[rng.integers(0, fake.size, fake.size)]
+        values[i] = roc_auc_score(np.r_[np.zeros(r.size), np.ones(f.size)], np.r_[r, f])
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision with generated images as the positive class (Wang et al. 2020)."""
+    y, s = _check(labels, scores)
+    return float(average_precision_score(y, s)) if _both_classes(y, "AP") else float("nan")
+
+
+def accuracy_real(labels: np.ndarray, scores: np.ndarray, *, threshold: float = 0.0) -> float:
+    """Fraction of real images scored below ``threshold``."""
+    y, s = _check(labels, scores)
+    real = s[y == 0]
+    return float(np.mean(real < threshold)) if real.size else float("nan")
+
+
+def accuracy_fake(labels: np.ndarray, scores: np.ndarray, *, threshold: float = 0.0) -> float:
+    """Fraction of generated images scored at or above ``threshold``."""
+    y, s = _check(labels, scores)
+    fake = s[y == 1]
+    return float(np.mean(fake >= threshold)) if fake.size else float("nan")
+
+
+def balanced_accuracy(labels: np.ndarray, scores: np.ndarray, *, threshold: float = 0.0) -> float:
+    """Mean of the accuracies on reals and on fakes (Corvi et al. 2023)."""
+    return 0.5 * (accuracy_real(labels, scores, threshold=threshold) + accuracy_fake(labels, scores, threshold=threshold))
+
+
+def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """``(eer, threshold)``: where the false-alarm rate equals the miss rate.
+
+    Interpolated linearly between the two ROC points that bracket the crossing.
+    """
+    y, s = _check(labels, scores)
+    if not _both_classes(y, "EER"):
+        return float("nan"), float("nan")
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    fnr = 1.0 - tpr
+    diff = fpr - fnr  # increases along the curve, from -1 to +1
+    i = int(np.searchsorted(diff, 0.0))
+    if i == 0:
+        return float(fpr[0]), float(thr[0])
+    d0, d1 = diff[i - 1], diff[i]
+    w = 0.0 if d1 == d0 else -d0 / (d1 - d0)
+    eer = fpr[i - 1] + w * (fpr[i] - fpr[i - 1])
+    t_hi = thr[i - 1] if np.isfinite(thr[i - 1]) else s.max()
+    return float(eer), float(t_hi + w * (thr[i] - t_hi))
+
+
+def threshold_at_far(labels: np.ndarray, scores: np.ndarray, far: float) -> float:
+    """Lowest threshold whose false-alarm rate on reals (``score >= t``) is at most ``far``."""
+    y, s = _check(labels, scores)
+    if not 0.0 <= far <= 1.0:
+        raise ValueError(f"far must be in [0, 1], got {far}")
+    real = np.sort(s[y == 0])[::-1]
+    if real.size == 0:
+        warnings.warn("threshold_at_far needs real images; returning NaN", stacklevel=2)
+        return float("nan")
+    allowed = int(np.floor(far * real.size + 1e-9))  # number of reals that may score >= t
+    if allowed >= real.size:
+        return float(real[-1])
+    # t just above the (allowed+1)-th highest real score
+    return float(np.nextafter(real[allowed], np.inf))
+
+
+def detection_at_far(labels: np.ndarray, scores: np.ndarray, far: float) -> float:
+    """Detection rate (fraction of fakes caught) at a false-alarm rate of at most ``far``."""
+    y, s = _check(labels, scores)
+    if not _both_classes(y, "Pd@FAR"):
+        return float("nan")
+    t = threshold_at_far(y, s, far)
+    return float(np.mean(s[y == 1] >= t))
+
+
+def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """``(balanced accuracy, threshold)`` of the threshold that maximises balanced accuracy.
+
+    An oracle figure (the threshold is chosen on the data it is measured on): it shows what a
+    calibrated detector could reach, not what it reaches.
+    """
+    y, s = _check(labels, scores)
+    if not _both_classes(y, "best threshold"):
+        return float("nan"), float("nan")
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    bal = 0.5 * (tpr + 1.0 - fpr)
+    i = int(np.argmax(bal))
+    return float(bal[i]), float(thr[i] if np.isfinite(thr[i]) else s.max())
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, *, n_bins: int = 15) -> float:
+    """ECE of probabilities of "generated": bin-size-weighted |accuracy - confidence|.
+
+    Confidence is the probability of the predicted class, binned in ``n_bins`` equal-width bins
+    over [0.5, 1] as in Guo et al. 2017.
+    """
+    y, p = _check(labels, probabilities)
+    if y.size == 0:
+        return float("nan")
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("probabilities must lie in [0, 1]")
+    pred = (p >= 0.5).astype(int)
+    conf = np.where(pred == 1, p, 1.0 - p)
+    correct = (pred == y).astype(float)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def logloss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Negative log-likelihood of the labels under the probabilities (natural log)."""
+    y, p = _check(labels, probabilities)
+    if y.size == 0:
+        return float("nan")
+    return float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]))
+
+
+def summary(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    *,
+    threshold: float = 0.0,
+    temperature: float = 1.0,
+    fars: tuple[float, ...] = (0.10, 0.05, 0.01),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Every metric of one group, as a flat dict (the rows of ``metrics.csv``)."""
+    y, s = _check(labels, scores)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lo, hi = auc_interval(y, s, n_boot=n_boot, seed=seed) if n_boot else (float("nan"), float("nan"))
+        eer, eer_t = equal_error_rate(y, s)
+        best_acc, best_t = best_threshold(y, s)
+        p = sigmoid(s, temperature)
+        out = {
+            "n_real": int((y == 0).sum()),
+            "n_fake": int((y == 1).sum()),
+            "auc": auc(y, s),
+            "auc_low": lo,
+            "auc_high": hi,
+            "ap": average_precision(y, s),
+            "acc_real": accuracy_real(y, s, threshold=threshold),
+            "acc_fake": accuracy_fake(y, s, threshold=threshold),
+            "balanced_acc": balanced_accuracy(y, s, threshold=threshold),
+            "threshold": float(threshold),
+            "eer": eer,
+            "eer_threshold": eer_t,
+        }
+        for far in fars:
+            out[f"pd@{far:g}far"] = detection_at_far(y, s, far)
+        out.update(
+            best_balanced_acc=best_acc,
+            best_threshold=best_t,
+            ece=expected_calibration_error(y, p),
+            log_loss=logloss(y, p) if 0 < (y == 1).sum() < y.size else float("nan"),
+        )
+    return out

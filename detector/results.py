@@ -1,0 +1,175 @@
+"""Per-image results on disk: the streamed CSV, its resume and repair, the run record, heatmaps.
+
+The CSV is written one row at a time and flushed, so a killed scan loses at most the row being
+written; :func:`repair_and_read` cuts such a torn last row off before a resume. Paths are
+written as text: names that are not valid UTF-8 are escaped with backslashes, so the file is
+always valid UTF-8 that pandas and the csv module parse; commas, quotes and newlines are quoted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .checkpoints import atomic_write
+
+__all__ = ["RESULT_COLUMNS", "ImageResult", "ResultWriter", "display_path", "repair_and_read", "write_heatmap",
+           "write_run_record", "read_run_record", "heatmap_name"]
+
+
+@dataclass
+class ImageResult:
+    """One row of a scan's output."""
+
+    path: str
+    logit: float | None = None
+    probability: float | None = None
+    label: str = ""
+    width: int | None = None
+    height: int | None = None
+    format: str = ""
+    n_patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def row(self) -> list[str]:
+        def text(v: object) -> str:
+            if v is None:
+                return ""
+            if isinstance(v, float):
+                return f"{v:.6g}" if math.isfinite(v) else ""
+            return str(v)
+
+        return [text(getattr(self, f.name)) for f in fields(self)]
+
+
+RESULT_COLUMNS = [f.name for f in fields(ImageResult)]
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as valid UTF-8 text: undecodable bytes become ``\\xNN`` escapes."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def _record_ends(text: str) -> list[int]:
+    """Offsets just after each complete CSV record (a newline outside quotes)."""
+    ends, in_quotes = [], False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch == "\n" and not in_quotes:
+            ends.append(i + 1)
+    return ends
+
+
+def repair_and_read(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of an existing output, after cutting off a torn last row (from a kill) in place.
+
+    Raises ``ValueError`` if the file is not a results CSV (another header), so that a wrong
+    ``--output`` never gets overwritten or appended to.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="strict")
+    ends = _record_ends(text)
+    good = ends[-1] if ends else 0
+    if len(text[:good].encode("utf-8")) != len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(len(text[:good].encode("utf-8")))
+        text = text[:good]
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return []
+    if rows[0] != RESULT_COLUMNS:
+        raise ValueError(f"{path} is not a detector results file (header {rows[0][:4]}...); choose another --output")
+    out = []
+    for r in rows[1:]:
+        if len(r) == len(RESULT_COLUMNS):
+            out.append(dict(zip(RESULT_COLUMNS, r)))
+    return out
+
+
+class ResultWriter:
+    """Append rows to the output CSV, writing the header for a new file; flush every row."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._fh = open(self.path, "a", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._fh, lineterminator="\n")
+        if new:
+            self._csv.writerow(RESULT_COLUMNS)
+            self._fh.flush()
+
+    def write(self, result: ImageResult) -> None:
+        self._csv.writerow(result.row())
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_record_path(output: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(output)}.json")
+
+
+def write_run_record(output: str | os.PathLike, record: dict) -> None:
+    """The sidecar ``<output>.json``: weights sha256, settings, versions, date."""
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
+    atomic_write(run_record_path(output), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_run_record(output: str | os.PathLike) -> dict | None:
+    path = run_record_path(output)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def heatmap_name(path: str) -> str:
+    """A file name for an input's heatmap that cannot escape the heatmap folder."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._")[:60] or "image"
+    digest = hashlib.sha1(path.encode("utf-8", errors="backslashreplace")).hexdigest()[:10]
+    return f"{stem}_{digest}.png"
+
+
+def write_heatmap(folder: str | os.PathLike, path: str, thumbnail: np.ndarray, logit_map: np.ndarray) -> Path:
+    """Overlay the logit map on a thumbnail of the image (red = generated, blue = real)."""
+    from PIL import Image
+
+    h, w = thumbnail.shape[:2]
+    finite = np.nan_to_num(logit_map, nan=0.0)
+    prob = 1.0 / (1.0 + np.exp(-np.clip(finite, -30, 30)))
+    heat = Image.fromarray((prob * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)
+    p = np.asarray(heat, dtype=np.float32)[:, :, None] / 255.0
+    colour = np.concatenate([p, np.zeros_like(p), 1.0 - p], axis=2) * 255.0
+    grey = thumbnail.astype(np.float32).mean(axis=2, keepdims=True)
+    blend = (0.5 * grey + 0.5 * colour).clip(0, 255).astype(np.uint8)
+    target = Path(folder) / heatmap_name(path)
+    atomic_write(target, lambda tmp: Image.fromarray(blend).save(tmp, format="PNG"))
+    return target

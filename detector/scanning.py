@@ -1,0 +1,306 @@
+"""The scan loop: decode in DataLoader workers, batch crops across images, stream one row per file.
+
+Decoding and cutting crops happen in worker processes while the main process runs the network.
+Crops of the same shape from consecutive images share batches; an image's row is written as soon
+as all its crops are scored, in input order. A file that cannot be read gets a row with ``error``
+set and the scan goes on. ``resume`` skips files already in the output (after repairing a torn
+last row), and a lock file keeps two scans from writing one output.
+
+Sharding: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or with ``rank``/``world_size``,
+each rank scores every ``world_size``-th file into ``<output>.rank<R>of<W>``; rank 0 merges the
+parts into the output once every part is complete (:func:`merge_shards`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from torch.utils.data import DataLoader, Dataset
+
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
+from .inference import Detector
+from .fusion import FUSION_RULES, combine_crops
+from .patches import PatchSettings
+from .results import (
+    ImageResult,
+    ResultWriter,
+    display_path,
+    read_run_record,
+    repair_and_read,
+    write_heatmap,
+    write_run_record,
+)
+
+__all__ = ["ScanOptions", "ScanSummary", "scan", "scan_paths"]
+
+_THUMBNAIL = 1024
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Every scan option except inputs, weights and output."""
+
+    patches: PatchSettings = field(default_factory=PatchSettings)
+    fusion: str = "mean"
+    batch_size: int = 16
+    workers: int = 2
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    heatmaps: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSION_RULES:
+            raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError("batch_size must be >= 1 and workers >= 0")
+
+
+@dataclass
+class ScanSummary:
+    output: str
+    n_files: int = 0
+    n_skipped: int = 0
+    n_fake: int = 0
+    n_real: int = 0
+    n_errors: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        done = self.n_files - self.n_skipped
+        return (f"{done} scanned ({self.n_skipped} already done): {self.n_fake} fake, {self.n_real} real, "
+                f"{self.n_errors} errors in {self.seconds:.1f} s -> {self.output}")
+
+
+class _DecodeDataset(Dataset):
+    """Decodes an image and cuts its crops (in a worker process)."""
+
+    def __init__(self, paths: Sequence[Path], settings: PatchSettings, max_pixels: int, align: int, thumbnails: bool):
+        self.paths, self.settings, self.max_pixels = list(paths), settings, max_pixels
+        self.align, self.thumbnails = align, thumbnails
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        t0 = time.perf_counter()
+        item = {"index": index, "path": self.paths[index], "error": "", "crops": [], "plan": [],
+                "width": None, "height": None, "format": "", "thumbnail": None}
+        try:
+            img = decode_image(self.paths[index], max_pixels=self.max_pixels)
+            item.update(width=img.width, height=img.height, format=img.format)
+            plan = self.settings.plan(img.height, img.width, align=self.align)
+            item["plan"] = plan
+            item["crops"] = [np.ascontiguousarray(c.cut(img.pixels)) for c in plan]
+            if self.thumbnails:
+                step = max(1, int(np.ceil(max(img.height, img.width) / _THUMBNAIL)))
+                item["thumbnail"] = np.ascontiguousarray(img.pixels[::step, ::step])
+        except ImageError as err:
+            item["error"] = str(err)
+        except Exception as err:  # noqa: BLE001 - any failure on one file must not stop the scan
+            item["error"] = f"unexpected {type(err).__name__}: {err}"
+        item["seconds"] = time.perf_counter() - t0
+        return item
+
+
+def _identity(item: dict) -> dict:
+    return item
+
+
+@dataclass
+class _Pending:
+    item: dict
+    maps: list
+    remaining: int
+    seconds: float
+
+
+def _shard_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return rank, world_size
+
+
+def shard_path(output: Path, rank: int, world_size: int) -> Path:
+    return output if world_size == 1 else output.with_name(f"{output.name}.rank{rank}of{world_size}")
+
+
+def scan_paths(
+    paths: Sequence[Path],
+    detector: Detector,
+    output: str | os.PathLike,
+    options: ScanOptions = ScanOptions(),
+    *,
+    record: dict | None = None,
+) -> ScanSummary:
+    """Score ``paths`` into the CSV ``output`` (one rank's share when sharded)."""
+    output = Path(output)
+    start = time.perf_counter()
+    summary = ScanSummary(output=str(output), n_files=len(paths))
+    lock = FileLock(f"{output}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"another scan is writing {output} (lock file {output}.lock); wait for it or choose another --output") from None
+    try:
+        settings_record = {
+            **(record or {}),
+            "detector": detector.describe(),
+            "patches": asdict(options.patches),
+            "fusion": options.fusion,
+            "max_pixels": options.max_pixels,
+        }
+        done: set[str] = set()
+        if output.exists() and output.stat().st_size > 0:
+            if not options.resume:
+                raise FileExistsError(f"{output} exists; pass --resume to continue it or choose another --output")
+            previous = read_run_record(output)
+            if previous and _scoring_settings(previous) != _scoring_settings(settings_record):
+                raise ValueError(f"{output} was made with other weights or settings; resume needs the same ones")
+            done = {row["path"] for row in repair_and_read(output)}
+        todo = [p for p in paths if display_path(p) not in done]
+        summary.n_skipped = len(paths) - len(todo)
+        write_run_record(output, {**settings_record, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        heat_dir = Path(options.heatmaps) if options.heatmaps else None
+        if heat_dir:
+            heat_dir.mkdir(parents=True, exist_ok=True)
+        with ResultWriter(output) as writer:
+            _run(todo, detector, options, writer, summary, heat_dir)
+    finally:
+        lock.release()
+        try:
+            os.unlink(f"{output}.lock")
+        except OSError:
+            pass
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _scoring_settings(record: dict) -> tuple:
+    d = record.get("detector", {})
+    return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"),
+            json_key(record.get("patches")), record.get("fusion"))
+
+
+def json_key(value: object) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
+def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:
+    from tqdm import tqdm
+
+    dataset = _DecodeDataset(todo, options.patches, options.max_pixels, align=8, thumbnails=heat_dir is not None)
+    workers = min(options.workers, len(todo))
+    loader = DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+        prefetch_factor=4 if workers else None, pin_memory=detector.device.type == "cuda",
+        persistent_workers=False,
+    )
+    pending: dict[int, _Pending] = {}
+    queues: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+    next_index = 0
+    max_pending = max(8, 4 * options.batch_size)
+    bar = tqdm(total=len(todo), disable=not options.progress, file=sys.stderr, unit="img", dynamic_ncols=True)
+
+    def run_batch(shape: tuple[int, int], entries: list[tuple[int, int, np.ndarray]]) -> None:
+        t0 = time.perf_counter()
+        batch = torch.from_numpy(np.stack([e[2] for e in entries])).permute(0, 3, 1, 2)
+        maps = detector.crop_maps(batch)
+        share = (time.perf_counter() - t0) / len(entries)
+        for (index, k, _), m in zip(entries, maps):
+            p = pending[index]
+            p.maps[k] = m
+            p.remaining -= 1
+            p.seconds += share
+
+    def flush(all_shapes: bool) -> None:
+        for shape in list(queues):
+            q = queues[shape]
+            while len(q) >= options.batch_size or (all_shapes and q):
+                chunk, queues[shape] = q[: options.batch_size], q[options.batch_size :]
+                q = queues[shape]
+                run_batch(shape, chunk)
+            if not q:
+                del queues[shape]
+
+    def emit() -> None:
+        nonlocal next_index
+        while next_index in pending and pending[next_index].remaining == 0:
+            p = pending.pop(next_index)
+            writer.write(_finish(p, detector, options, summary, heat_dir))
+            bar.update(1)
+            next_index += 1
+
+    for item in loader:
+        index = item["index"]
+        pending[index] = _Pending(item, [None] * len(item["crops"]), len(item["crops"]), item["seconds"])
+        for k, crop in enumerate(item["crops"]):
+            queues.setdefault(crop.shape[:2], []).append((index, k, crop))
+        item["crops"] = None  # the queue holds them now
+        flush(all_shapes=len(pending) >= max_pending)
+        emit()
+    flush(all_shapes=True)
+    emit()
+    bar.close()
+
+
+def _finish(p: _Pending, detector: Detector, options: ScanOptions, summary: ScanSummary, heat_dir) -> ImageResult:
+    item = p.item
+    result = ImageResult(path=display_path(item["path"]), width=item["width"], height=item["height"],
+                         format=item["format"], n_patches=len(item["plan"]), seconds=p.seconds, error=item["error"])
+    if item["error"]:
+        summary.n_errors += 1
+        return result
+    try:
+        logit, canvas = combine_crops(item["plan"], p.maps, mode=options.patches.mode, rule=options.fusion,
+                                      stride=detector.stride, height=item["height"], width=item["width"])
+        result.logit = logit
+        result.probability = detector.probability(logit)
+        result.label = detector.label(logit)
+        if heat_dir is not None and item["thumbnail"] is not None:
+            write_heatmap(heat_dir, result.path, item["thumbnail"], canvas)
+    except Exception as err:  # noqa: BLE001 - one image's failure must not stop the scan
+        result.error = f"unexpected {type(err).__name__}: {err}"
+        result.logit = result.probability = None
+        result.label = ""
+        summary.n_errors += 1
+        return result
+    if result.label == "fake":
+        summary.n_fake += 1
+    else:
+        summary.n_real += 1
+    return result
+
+
+def scan(
+    inputs: Sequence[str | os.PathLike],
+    detector: Detector,
+    output: str | os.PathLike = "results.csv",
+    options: ScanOptions = ScanOptions(),
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> ScanSummary:
+    """Find the images in ``inputs`` and score them into ``output`` (see the module docstring)."""
+    paths = find_images(inputs)
+    rank, world_size = _shard_env(rank, world_size)
+    output = Path(output)
+    mine = paths[rank::world_size]
+    record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths), "rank": rank, "world_size": world_size}
+    summary = scan_paths(mine, detector, shard_path(output, rank, world_size), options, record=record)
+    return summary
