@@ -11,18 +11,26 @@ Layouts:
 * **CNNDetection** (Wang et al. 2020): ``root/<generator>/[<class>/]0_real|1_fake/``.
 * **Corvi et al. 2023**: one folder per source under ``root``; a folder whose name contains
   ``real`` holds real photos, every other folder is a generator.
+* **a ``detector scan`` output plus labels**: the scan's CSV gives the scores, any of the layouts
+  above gives the labels (:func:`read_scan_output`), so a scan can be evaluated without scoring
+  again.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .images import InputError, find_images
+from .results import RESULT_COLUMNS
 
-__all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_corvi", "split_by_source"]
+__all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_corvi", "read_scan_output",
+           "is_scan_output", "split_by_source"]
 
 COLUMNS = ["path", "label", "generator", "family", "source"]
 _LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1, "generated": 1, "synthetic": 1, "0_real": 0, "1_fake": 1}
@@ -105,6 +113,9 @@ def read_labelled(source: str | os.PathLike) -> pd.DataFrame:
     """Read any supported layout, recognised from what is on disk."""
     path = Path(source)
     if path.is_file() and path.suffix.lower() == ".csv":
+        if is_scan_output(path):
+            raise InputError(f"{path}: is a `detector scan` output, which holds no labels; "
+                             f"read it with read_scan_output (`detector evaluate ... --labels`)")
         return read_manifest(path)
     if path.is_file():
         manifest = path
@@ -116,6 +127,56 @@ def read_labelled(source: str | os.PathLike) -> pd.DataFrame:
     if any(p.is_dir() and p.name in ("0_real", "1_fake") for p in path.rglob("*")):
         return read_cnndetection(path)
     return read_corvi(path)
+
+
+def is_scan_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a CSV written by ``detector scan`` (recognised by its header)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        return False
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        return next(csv.reader(fh), None) == RESULT_COLUMNS
+
+
+def _path_key(path: str | os.PathLike) -> str:
+    return os.path.normcase(os.path.normpath(os.path.abspath(path)))
+
+
+def read_scan_output(results_csv: str | os.PathLike, labels: pd.DataFrame) -> pd.DataFrame:
+    """A scan's scores joined to labels from any layout (a table from :func:`read_labelled`).
+
+    A scan row is matched to a label by its path, taken relative to the working folder and, failing
+    that, to the scan CSV's folder. Rows without a label are dropped with a warning; labelled
+    images the scan lacks are left out. Returns :data:`COLUMNS` plus the scan's ``logit``,
+    ``format``, ``width``, ``height`` and ``error`` (``logit`` NaN where the scan failed).
+    """
+    results_csv = Path(results_csv)
+    if not is_scan_output(results_csv):
+        raise InputError(f"{results_csv}: not a `detector scan` output (its header differs)")
+    scan = pd.read_csv(results_csv, dtype=str, keep_default_na=False)
+    index = {_path_key(p): i for i, p in enumerate(labels["path"])}
+    matched, unmatched = [], 0
+    for row in scan.itertuples(index=False):
+        for candidate in (row.path, results_csv.parent / row.path):
+            i = index.get(_path_key(candidate))
+            if i is not None:
+                matched.append((i, row))
+                break
+        else:
+            unmatched += 1
+    if not matched:
+        raise InputError(f"{results_csv}: none of its {len(scan)} paths is in the labels "
+                         f"(paths are matched relative to the working folder or to the CSV's folder)")
+    if unmatched:
+        warnings.warn(f"{results_csv}: {unmatched} of {len(scan)} scanned files have no label and are left out",
+                      stacklevel=2)
+    df = labels.iloc[[i for i, _ in matched]][COLUMNS].reset_index(drop=True)
+    df["logit"] = [float(r.logit) if r.logit and not r.error else np.nan for _, r in matched]
+    df["format"] = [r.format for _, r in matched]
+    df["width"] = [int(r.width) if r.width else np.nan for _, r in matched]
+    df["height"] = [int(r.height) if r.height else np.nan for _, r in matched]
+    df["error"] = [r.error for _, r in matched]
+    return df
 
 
 def split_by_source(

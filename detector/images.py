@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import glob
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -27,6 +29,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     HEIF_SUPPORTED = False
 
 __all__ = [
+    "DECODED_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "DecodedImage",
@@ -34,6 +37,7 @@ __all__ = [
     "InputError",
     "decode_image",
     "find_images",
+    "gaussian_blur",
     "read_jpeg_quality",
     "reencode_jpeg",
 ]
@@ -41,8 +45,12 @@ __all__ = [
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif"}
 )
+_SUFFIXES = tuple(IMAGE_EXTENSIONS)
 # 2**28 pixels (268 MP, about 0.8 GB as RGB bytes): above every camera, below decompression bombs.
 DEFAULT_MAX_PIXELS = 1 << 28
+# Pillow identifies a file by its content, whatever its name, and some of its readers are unsafe on
+# untrusted files (EPS runs Ghostscript): only the formats that IMAGE_EXTENSIONS name are opened.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "DIB", "GIF") + (("HEIF",) if HEIF_SUPPORTED else ())
 
 # Truncated files are errors, never silently grey-filled images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -88,11 +96,16 @@ def _read_csv_paths(csv_path: Path) -> list[Path]:
 
 def _walk(folder: Path) -> Iterable[Path]:
     # os.walk does not follow directory symlinks, so a symlink loop cannot trap the scan.
-    for root, dirs, files in os.walk(folder, onerror=None):
+    # A folder that cannot be listed (no permission, a path beyond PATH_MAX) is yielded itself, so
+    # that it gets an error row instead of silently hiding the files inside it.
+    unlisted: list[Path] = []
+    for root, dirs, files in os.walk(folder, onerror=lambda err: unlisted.append(Path(err.filename))):
         dirs.sort()
         for name in sorted(files):
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            # not os.path.splitext, which gives ".png" and "..png" no extension
+            if name.lower().endswith(_SUFFIXES):
                 yield Path(root) / name
+    yield from unlisted
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -192,9 +205,12 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     """
     path = Path(path)
     try:
-        if path.is_dir():
+        kind = os.stat(path).st_mode
+        if stat.S_ISDIR(kind):
             raise ImageError("is a directory")
-        with Image.open(path) as img:
+        if not stat.S_ISREG(kind):  # reading a FIFO would block forever, a device never end
+            raise ImageError("not a regular file (a pipe, socket or device)")
+        with Image.open(path, formats=DECODED_FORMATS) as img:
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageError(f"empty image ({w}x{h})")
@@ -213,9 +229,11 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except PermissionError:
         raise ImageError("permission denied") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image file (unrecognised format)") from None
+        raise ImageError("not an image file (unrecognised or unsupported format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError, KeyError) as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # strerror leaves out the file name, which can be kilobytes long and is in the row already
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        text = getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__)
         raise ImageError(f"cannot decode: {text}") from None
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.size == 0:
         raise ImageError(f"unexpected pixel array of shape {pixels.shape}")
@@ -235,3 +253,19 @@ def reencode_jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
     buffer.seek(0)
     with Image.open(buffer) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
+    """RGB uint8 pixels blurred with a Gaussian of ``sigma`` px (kernel 2*ceil(3 sigma)+1); 0 is a no-op.
+
+    torchvision's implementation, so that training augmentation and evaluation perturbations
+    blur alike.
+    """
+    if sigma <= 0.0:
+        return pixels
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    t = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)
+    return TF.gaussian_blur(t, [kernel, kernel], [sigma, sigma]).permute(1, 2, 0).numpy()

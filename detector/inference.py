@@ -8,6 +8,7 @@ batch (:meth:`Detector.crop_maps`); :meth:`Detector.predict` is the one-image AP
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 import sys
@@ -25,9 +26,9 @@ from .fusion import combine_crops
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from .patches import PatchSettings
 
-__all__ = ["PRECISIONS", "Detector", "Prediction", "keep_freed_memory", "resolve_device"]
+__all__ = ["PRECISIONS", "Detector", "Prediction", "keep_freed_memory", "resolve_device", "resolve_precision"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,6 +48,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("device mps requested but Apple's MPS is not available")
     return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), so autocast pays off."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware has it (recent CPUs, Ampere+ GPUs), fp16 on older GPUs
+    and Apple's MPS, fp32 otherwise. Explicit choices are kept."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        return "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 _MEMORY_KEPT = False
@@ -76,6 +101,16 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+# Pixels per forward pass: bounds activation memory when crops are large (full-mode tiles).
+# The nodown ResNet-50 keeps ~1 KB of fp32 activations per input pixel alive at its widest point.
+MAX_BATCH_PIXELS = 1 << 20
+
+
+def batch_limit(shape: tuple[int, int], batch_size: int) -> int:
+    """Crops of ``shape`` per batch: at most ``batch_size`` and :data:`MAX_BATCH_PIXELS` pixels."""
+    return max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, shape[0] * shape[1])))
+
+
 @dataclass
 class Prediction:
     """One image's result."""
@@ -93,7 +128,8 @@ class Detector:
     """A model ready to score images.
 
     Build it with :meth:`from_checkpoint`. ``precision`` ``bf16``/``fp16`` runs under autocast
-    (logits come back as fp32); ``fp32`` is exact.
+    (logits come back as fp32); ``fp32`` is exact; ``auto`` picks what the hardware runs fastest
+    (:func:`resolve_precision`).
     """
 
     def __init__(
@@ -105,10 +141,8 @@ class Detector:
         precision: str = "fp32",
         channels_last: bool = True,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.info = info
         self.config = model.config
         self.stride = int(getattr(model, "output_stride", self.config.output_stride))
@@ -134,6 +168,17 @@ class Detector:
         """Load weights (any published format, see :mod:`detector.checkpoints`) and get ready."""
         model, info = load_model(path, architecture)
         return cls(model, info, device=device, precision=precision)
+
+    @property
+    def tile_margin(self) -> int:
+        """Context around full-mode tiles that makes tiling exact: the receptive-field radius, in
+        multiples of 8 (64 px for resnet50nodown, 216 for resnet50); 128 when unknown (timm)."""
+        rf = getattr(self.model, "receptive_field", None)
+        return 128 if rf is None else int(math.ceil(rf / 2 / 8) * 8)
+
+    def resolve_settings(self, settings: PatchSettings) -> PatchSettings:
+        """``settings`` with an unset tile margin replaced by :attr:`tile_margin`."""
+        return settings if settings.margin is not None else dataclasses.replace(settings, margin=self.tile_margin)
 
     @property
     def temperature(self) -> float:
@@ -174,14 +219,16 @@ class Detector:
     ) -> tuple[float, np.ndarray, int]:
         """Image logit, logit map and number of crops for RGB uint8 pixels ``(H, W, 3)``."""
         h, w = pixels.shape[:2]
+        settings = self.resolve_settings(settings)
         crops = settings.plan(h, w)
         maps: list[np.ndarray | None] = [None] * len(crops)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, crop in enumerate(crops):
             by_shape.setdefault(crop.shape, []).append(i)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
+        for shape, indices in by_shape.items():
+            step = batch_limit(shape, batch_size)
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
                 batch = torch.from_numpy(np.stack([crops[i].cut(pixels) for i in chunk])).permute(0, 3, 1, 2)
                 for i, m in zip(chunk, self.crop_maps(batch)):
                     maps[i] = m

@@ -203,6 +203,19 @@ class ResNet(nn.Module):
             layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width))
         return nn.Sequential(*layers)
 
+    @property
+    def receptive_field(self) -> int:
+        """Side in px of the input region that one logit-map cell sees (113 for resnet50nodown)."""
+        rf, jump = 1, 1
+        for k, stride in ((7, self.stride0), (3, self.stride0)):
+            rf, jump = rf + (k - 1) * jump, jump * stride
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                convs = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
+                for conv in convs:
+                    rf, jump = rf + (conv.kernel_size[0] - 1) * jump, jump * conv.stride[0]
+        return rf
+
     def features(self, x: Tensor) -> Tensor:
         """The layer4 feature map, ``(N, C, ceil(H/s), ceil(W/s))`` with ``s = output_stride``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -60,7 +60,7 @@ def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
-def full_plan(height: int, width: int, *, tile_size: int = 1024, margin: int = 128, align: int = 8) -> list[Crop]:
+def full_plan(height: int, width: int, *, tile_size: int = 512, margin: int = 64, align: int = 8) -> list[Crop]:
     """Crops covering the whole image: one if it fits in ``tile_size``, else overlapping tiles.
 
     ``tile_size`` bounds the core of each tile (rounded up to ``align``); each tile adds up to
@@ -151,8 +151,8 @@ class PatchSettings:
     num_patches: int = 8
     layout: str = "grid"
     seed: int = 0
-    tile_size: int = 1024
-    margin: int = 128
+    tile_size: int = 512
+    margin: int | None = None  # None: the network's receptive-field radius (Detector.resolve_settings)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -163,7 +163,8 @@ class PatchSettings:
     def plan(self, height: int, width: int, align: int = 8) -> list[Crop]:
         """The crops of an image of this size."""
         if self.mode == "full":
-            return full_plan(height, width, tile_size=self.tile_size, margin=self.margin, align=align)
+            margin = 128 if self.margin is None else self.margin
+            return full_plan(height, width, tile_size=self.tile_size, margin=margin, align=align)
         return patch_plan(
             height, width, patch_size=self.patch_size, num_patches=self.num_patches,
             layout=self.layout, seed=self.seed, align=align,

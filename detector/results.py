@@ -111,12 +111,19 @@ class ResultWriter:
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._fh = open(self.path, "a", newline="", encoding="utf-8")
         self._csv = csv.writer(self._fh, lineterminator="\n")
+        # The csv module quotes a field holding the line terminator but not a bare "\r", which
+        # pandas and the csv module read as a line break: rows holding one quote every field.
+        self._quoted = csv.writer(self._fh, lineterminator="\n", quoting=csv.QUOTE_ALL)
         if new:
             self._csv.writerow(RESULT_COLUMNS)
             self._fh.flush()
 
     def write(self, result: ImageResult) -> None:
-        self._csv.writerow(result.row())
+        self.write_row(result.row())
+
+    def write_row(self, row: list[str]) -> None:
+        """Write one row of text fields (in :data:`RESULT_COLUMNS` order) and flush it."""
+        (self._quoted if any("\r" in field for field in row) else self._csv).writerow(row)
         self._fh.flush()
 
     def close(self) -> None:
@@ -151,14 +158,20 @@ def read_run_record(output: str | os.PathLike) -> dict | None:
         return None
 
 
-def heatmap_name(path: str) -> str:
-    """A file name for an input's heatmap that cannot escape the heatmap folder."""
+def heatmap_name(path: str | os.PathLike) -> str:
+    """A file name for an input's heatmap that cannot escape the heatmap folder.
+
+    The digest is of the path's bytes: two inputs whose paths display alike (``b"a\\xff"`` and the
+    text ``a\\xff``, see :func:`display_path`) get two heatmaps, not one overwriting the other.
+    """
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._")[:60] or "image"
-    digest = hashlib.sha1(path.encode("utf-8", errors="backslashreplace")).hexdigest()[:10]
+    digest = hashlib.sha1(os.fsencode(path)).hexdigest()[:10]
     return f"{stem}_{digest}.png"
 
 
-def write_heatmap(folder: str | os.PathLike, path: str, thumbnail: np.ndarray, logit_map: np.ndarray) -> Path:
+def write_heatmap(
+    folder: str | os.PathLike, path: str | os.PathLike, thumbnail: np.ndarray, logit_map: np.ndarray
+) -> Path:
     """Overlay the logit map on a thumbnail of the image (red = generated, blue = real)."""
     from PIL import Image
 

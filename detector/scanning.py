@@ -13,11 +13,15 @@ parts into the output once every part is complete (:func:`merge_shards`).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +31,7 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
-from .inference import Detector
+from .inference import Detector, batch_limit
 from .fusion import FUSION_RULES, combine_crops
 from .patches import PatchSettings
 from .results import (
@@ -116,6 +120,20 @@ def _identity(item: dict) -> dict:
     return item
 
 
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """Make a decoding worker exit when the scan dies, even by SIGKILL (Linux).
+
+    A killed scan's workers otherwise block forever on their full result pipe, holding memory.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+
+
 @dataclass
 class _Pending:
     item: dict
@@ -159,19 +177,26 @@ def scan_paths(
         settings_record = {
             **(record or {}),
             "detector": detector.describe(),
-            "patches": asdict(options.patches),
+            "patches": asdict(detector.resolve_settings(options.patches)),
             "fusion": options.fusion,
             "max_pixels": options.max_pixels,
         }
-        done: set[str] = set()
+        done: Counter[str] = Counter()
         if output.exists() and output.stat().st_size > 0:
             if not options.resume:
                 raise FileExistsError(f"{output} exists; pass --resume to continue it or choose another --output")
             previous = read_run_record(output)
             if previous and _scoring_settings(previous) != _scoring_settings(settings_record):
                 raise ValueError(f"{output} was made with other weights or settings; resume needs the same ones")
-            done = {row["path"] for row in repair_and_read(output)}
-        todo = [p for p in paths if display_path(p) not in done]
+            done = Counter(row["path"] for row in repair_and_read(output))
+        # Counted, not a set: two names can display alike (b"a\xff" and the text "a\\xff"). Rows are
+        # written in input order, so the first ones with a displayed path are the ones done.
+        todo = []
+        for p in paths:
+            if done[display_path(p)] > 0:
+                done[display_path(p)] -= 1
+            else:
+                todo.append(p)
         summary.n_skipped = len(paths) - len(todo)
         write_run_record(output, {**settings_record, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         heat_dir = Path(options.heatmaps) if options.heatmaps else None
@@ -180,11 +205,13 @@ def scan_paths(
         with ResultWriter(output) as writer:
             _run(todo, detector, options, writer, summary, heat_dir)
     finally:
-        lock.release()
+        # Unlink while still holding the lock: a scan that opened the old file then finds it
+        # unlinked when it gets the lock and starts over on a new one, so two never both hold it.
         try:
             os.unlink(f"{output}.lock")
         except OSError:
             pass
+        lock.release()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -204,12 +231,13 @@ def json_key(value: object) -> str:
 def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:
     from tqdm import tqdm
 
-    dataset = _DecodeDataset(todo, options.patches, options.max_pixels, align=8, thumbnails=heat_dir is not None)
+    settings = detector.resolve_settings(options.patches)
+    dataset = _DecodeDataset(todo, settings, options.max_pixels, align=8, thumbnails=heat_dir is not None)
     workers = min(options.workers, len(todo))
     loader = DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
         prefetch_factor=4 if workers else None, pin_memory=detector.device.type == "cuda",
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
     )
     pending: dict[int, _Pending] = {}
     queues: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
@@ -231,8 +259,9 @@ def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, s
     def flush(all_shapes: bool) -> None:
         for shape in list(queues):
             q = queues[shape]
-            while len(q) >= options.batch_size or (all_shapes and q):
-                chunk, queues[shape] = q[: options.batch_size], q[options.batch_size :]
+            size = batch_limit(shape, options.batch_size)
+            while len(q) >= size or (all_shapes and q):
+                chunk, queues[shape] = q[:size], q[size:]
                 q = queues[shape]
                 run_batch(shape, chunk)
             if not q:
@@ -273,7 +302,7 @@ def _finish(p: _Pending, detector: Detector, options: ScanOptions, summary: Scan
         result.probability = detector.probability(logit)
         result.label = detector.label(logit)
         if heat_dir is not None and item["thumbnail"] is not None:
-            write_heatmap(heat_dir, result.path, item["thumbnail"], canvas)
+            write_heatmap(heat_dir, item["path"], item["thumbnail"], canvas)
     except Exception as err:  # noqa: BLE001 - one image's failure must not stop the scan
         result.error = f"unexpected {type(err).__name__}: {err}"
         result.logit = result.probability = None
@@ -303,4 +332,47 @@ def scan(
     mine = paths[rank::world_size]
     record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths), "rank": rank, "world_size": world_size}
     summary = scan_paths(mine, detector, shard_path(output, rank, world_size), options, record=record)
+    if world_size > 1:
+        _barrier()
+        if rank == 0:
+            merge_shards(output, world_size)
     return summary
+
+
+def _barrier() -> None:
+    """Wait for every rank (torch.distributed, joined from torchrun's environment if needed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+
+
+def merge_shards(output: str | os.PathLike, world_size: int) -> int:
+    """Concatenate the ranks' parts into ``output`` (atomically); returns the number of rows.
+
+    The parts stay on disk, so each rank can ``--resume`` its own part and the merge be redone.
+    """
+    from .checkpoints import atomic_write
+    from .results import RESULT_COLUMNS
+
+    output = Path(output)
+    rows: list[dict[str, str]] = []
+    records = []
+    for r in range(world_size):
+        part = shard_path(output, r, world_size)
+        if not part.exists():
+            raise FileNotFoundError(f"rank {r}'s part {part} is missing; rerun that rank with --resume")
+        rows.extend(repair_and_read(part))
+        records.append(read_run_record(part) or {})
+
+    def write(tmp: str) -> None:
+        os.unlink(tmp)  # ResultWriter writes the header only into a new file
+        with ResultWriter(tmp) as writer:
+            for row in rows:
+                writer.write_row([row[c] for c in RESULT_COLUMNS])
+
+    atomic_write(output, write)
+    merged = {**records[0], "merged_from": [str(shard_path(output, r, world_size)) for r in range(world_size)]}
+    write_run_record(output, merged)
+    return len(rows)

@@ -5,6 +5,13 @@ import pytest
 import torch
 
 from detector.checkpoints import CheckpointError, load_model, read_state_dict, save_checkpoint
+from tests.conftest import seeded_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A private copy: other tests hand the shared one to Detector, which makes it channels-last."""
+    return seeded_model()
 
 
 def _logits(model, x):

@@ -131,8 +131,9 @@ def _sampling_weights(items: list[_Item]) -> np.ndarray:
     return w
 
 
-def _make_batch(items, weights, config: TrainConfig, step: int, prior_q) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng([config.seed, step])
+def _make_batch(items, weights, config: TrainConfig, step: int, prior_q, rank: int | None = None):
+    """The batch of ``step``: a pure function of (seed, step[, rank]), so resuming needs no sampler state."""
+    rng = np.random.default_rng([config.seed, step] if rank is None else [config.seed, step, rank])
     idx = rng.choice(len(items), size=config.batch_size, p=weights)
     crops, labels = [], []
     for i in idx:
@@ -141,6 +142,26 @@ def _make_batch(items, weights, config: TrainConfig, step: int, prior_q) -> tupl
         labels.append(it.label)
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
     return x, torch.tensor(labels, dtype=torch.float32)
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast_floats(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return t.tolist()
 
 
 class _Normalise(nn.Module):
@@ -245,6 +266,13 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = resolve_device(config.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    rank, world = _distributed(device)
+    say = log
+    if rank != 0:
+        log = lambda message: None  # noqa: E731 - rank 0 speaks for the run
 
     t0 = time.time()
     train_items = _load_items(train_table, config.recipe.crop_size, config.max_pixels, log)
@@ -260,6 +288,10 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
         for it in val_items
     ]
     log(f"loaded {len(train_items)} training and {len(val_items)} validation images in {time.time() - t0:.0f} s")
+    if rank == 0:  # the exact split, so that `detector evaluate` can measure the same images
+        for name, table in (("train_manifest.csv", train_table), ("val_manifest.csv", val_table)):
+            rel = table.assign(path=[os.path.relpath(os.path.abspath(p), out.resolve()) for p in table["path"]])
+            atomic_write(out / name, lambda tmp, t=rel: t.to_csv(tmp, index=False))
 
     if config.init == "scratch":
         model = create_model(config.architecture)
@@ -292,49 +324,74 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
     }
     start = time.time()
     stop_reason = "max_epochs"
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     while step < config.max_epochs * config.steps_per_epoch:
         losses = []
         for _ in range(config.steps_per_epoch):
-            x, y = _make_batch(train_items, weights, config, step, prior_q)
+            x, y = _make_batch(train_items, weights, config, step, prior_q, rank=rank if world > 1 else None)
             x, y = x.to(device), y.to(device)
             with _autocast(device, config.precision):
-                logits = model(norm(x).contiguous(memory_format=torch.channels_last))
+                logits = net(norm(x).contiguous(memory_format=torch.channels_last))
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             step += 1
-        labels, val_logits = _validate(model, norm, val_crops, device, config.precision)
-        val_auc = auc(labels, val_logits)
-        val_loss = logloss(labels, sigmoid(val_logits))
+        stop = False
+        if rank == 0:
+            labels, val_logits = _validate(model, norm, val_crops, device, config.precision)
+            val_auc = auc(labels, val_logits)
+            val_loss = logloss(labels, sigmoid(val_logits))
+        else:
+            val_auc = val_loss = float("nan")
+        if world > 1:  # every rank steps its scheduler with rank 0's validation figures
+            val_auc, val_loss = _broadcast_floats([val_auc, val_loss], device)
         scheduler.step(val_auc)
         elapsed = elapsed_before + time.time() - start
         row = {"epoch": step // config.steps_per_epoch, "step": step, "train_loss": float(np.mean(losses)),
                "val_auc": val_auc, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "minutes": elapsed / 60}
         history.append(row)
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         improved = val_auc > best_auc
         if improved:
             best_auc, bad_epochs = val_auc, 0
         else:
             bad_epochs += 1
-        meta = {**record, "step": step, "best_auc": best_auc, "bad_epochs": bad_epochs, "history": history,
-                "elapsed": elapsed, "architecture": arch}
-        if improved:
-            _write_checkpoint(out / "best.safetensors", model, meta, labels, val_logits, config)
-        _write_checkpoint(out / "last.safetensors", model, meta, labels, val_logits, config)
-        _save_state(state_path, model, optimizer, scheduler, meta)
-        _write_history(out / "history.csv", history)
-        _plot_curves(history, out / "curves.png")
+        if rank == 0:
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            meta = {**record, "step": step, "best_auc": best_auc, "bad_epochs": bad_epochs, "history": history,
+                    "elapsed": elapsed, "architecture": arch}
+            if improved:
+                _write_checkpoint(out / "best.safetensors", model, meta, labels, val_logits, config)
+            _write_checkpoint(out / "last.safetensors", model, meta, labels, val_logits, config)
+            _save_state(state_path, model, optimizer, scheduler, meta)
+            _write_history(out / "history.csv", history)
+            _plot_curves(history, out / "curves.png")
         if bad_epochs >= config.early_stop_patience:
             stop_reason = "early_stop"
-            break
-        if config.max_minutes is not None and (time.time() - start) / 60 >= config.max_minutes:
+            stop = True
+        elif config.max_minutes is not None and (time.time() - start) / 60 >= config.max_minutes:
             stop_reason = "time_budget"
+            stop = True
+        if world > 1:  # rank 0's clock decides, so that all ranks stop after the same epoch
+            stop = bool(_broadcast_floats([float(stop)], device)[0])
+        if stop:
             break
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    if world > 1:
+        import torch.distributed as dist
+
+        sums = [None] * world
+        dist.all_gather_object(sums, checksum)
+        record["ranks_agree"] = all(v == sums[0] for v in sums)
+        say(f"rank {rank}: weights checksum {checksum!r}; ranks agree: {record['ranks_agree']}")
+        dist.destroy_process_group()
     log(f"stopped ({stop_reason}) at step {step}; best validation AUC {best_auc:.4f}")
-    return {**record, "step": step, "best_auc": best_auc, "stop_reason": stop_reason}
+    return {**record, "step": step, "best_auc": best_auc, "stop_reason": stop_reason, "checksum": checksum}
 
 
 def _write_checkpoint(path: Path, model, meta: dict, labels, logits, config: TrainConfig) -> None:

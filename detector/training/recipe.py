@@ -14,14 +14,11 @@ either class, is compressed again at a quality drawn from ``align_quality``, eac
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from torchvision.transforms.v2 import functional as TF
 
-from ..images import reencode_jpeg
+from ..images import gaussian_blur, reencode_jpeg
 
 __all__ = ["Recipe", "augment", "validation_crops"]
 
@@ -51,14 +48,6 @@ def _random_crop(pixels: np.ndarray, size: int, rng: np.random.Generator) -> np.
     return pixels[top : top + ch, left : left + cw]
 
 
-def _blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
-    if sigma <= 0.0:
-        return pixels
-    kernel = 2 * math.ceil(3 * sigma) + 1
-    t = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)
-    return TF.gaussian_blur(t, [kernel, kernel], [sigma, sigma]).permute(1, 2, 0).numpy()
-
-
 def augment(
     pixels: np.ndarray,
     recipe: Recipe,
@@ -83,7 +72,7 @@ def augment(
     else:
         region = _random_crop(pixels, size + 8, rng)
     if rng.random() < recipe.blur_p:
-        region = _blur(region, float(rng.uniform(*recipe.blur_sigma)))
+        region = gaussian_blur(region, float(rng.uniform(*recipe.blur_sigma)))
     if rng.random() < recipe.jpeg_p:
         lo, hi = recipe.jpeg_quality
         region = reencode_jpeg(region, int(rng.integers(lo, hi + 1)))
