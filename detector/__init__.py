@@ -9,6 +9,8 @@ The public API; the command line (:mod:`detector.cli`) is a thin layer over it::
 """
 
 from .checkpoints import CheckpointError, load_model, save_checkpoint
+from .datasets import read_labelled
+from .evaluation import EvalOptions, evaluate
 from .images import ImageError, decode_image, find_images
 from .inference import Detector, Prediction
 from .models import create_model, list_models
@@ -18,15 +20,18 @@ from .scanning import ScanOptions, scan
 __all__ = [
     "CheckpointError",
     "Detector",
+    "EvalOptions",
     "ImageError",
     "PatchSettings",
     "Prediction",
     "ScanOptions",
     "create_model",
     "decode_image",
+    "evaluate",
     "find_images",
     "list_models",
     "load_model",
+    "read_labelled",
     "save_checkpoint",
     "scan",
 ]

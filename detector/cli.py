@@ -148,6 +148,48 @@ def models_cmd() -> None:
     click.echo("timm:NAME  (any timm model, with a single-logit head)")
 
 
+@main.command("info")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole metadata record as JSON.")
+def info_cmd(checkpoint, architecture, as_json) -> None:
+    """Check a checkpoint loads, and show what it says about itself (safely: no code runs).
+
+    \b
+    Example:
+      detector info weights/resnet50nodown_dev.safetensors
+    """
+    import json
+
+    from .checkpoints import CheckpointError, load_model
+
+    try:
+        model, info = load_model(checkpoint, architecture)
+    except CheckpointError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(info.metadata, indent=2, sort_keys=True, default=str))
+        return
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = info.metadata
+    lines = [
+        ("file", info.path),
+        ("sha256", info.sha256),
+        ("architecture", f"{info.architecture} ({n_params / 1e6:.1f} M parameters)"),
+        ("calibration", f"temperature {info.temperature:.4g}, threshold {info.threshold:.4g}"
+                        + (f" ({meta['calibration'].get('rule')})" if "calibration" in meta else " (none stored)")),
+        ("placeholder", "yes: scores mean nothing" if info.is_placeholder else "no"),
+    ]
+    if "val_auc" in meta:
+        lines.append(("validation AUC", f"{meta['val_auc']:.4f} at step {meta.get('step')}"))
+    if "data" in meta:
+        lines.append(("trained on", f"{meta['data'].get('train')} ({meta['data'].get('n_train')} images)"))
+    if "git_commit" in meta:
+        lines.append(("code", str(meta.get("git_commit"))))
+    for key, value in lines:
+        click.echo(f"{key:>15}: {value}")
+
+
 def _floats(text: str) -> tuple[float, float]:
     lo, hi = (float(v) for v in text.split(","))
     return lo, hi

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 from detector.cli import main
 
 
-@pytest.mark.parametrize("command", [[], ["scan"], ["train"], ["models"]])
+@pytest.mark.parametrize("command", [[], ["scan"], ["train"], ["models"], ["evaluate"], ["info"]])
 def test_help_is_complete(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -48,3 +48,9 @@ def test_scan_cli_writes_csv(tmp_path, checkpoint):
     assert result.exit_code == 0, result.output
     assert "1 fake" in result.output or "1 real" in result.output
     assert "1 errors" in result.output
+
+
+def test_info_shows_calibration(checkpoint):
+    result = CliRunner().invoke(main, ["info", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "resnet50nodown" in result.output and "sha256" in result.output and "temperature 1" in result.output
