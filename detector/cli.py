@@ -229,10 +229,12 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir exactly where it stopped.")
+@click.option("--simulate-fakes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A simulator from `detector simulate`: its reconstructions of the real training images join the fakes.")
 def train(train_data, val_data, val_sources, output_dir, init, architecture, crop_size, batch_size, lr, weight_decay,
           steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
           jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
-          device, threads, seed, resume) -> None:
+          device, threads, seed, resume, simulate_fakes) -> None:
     """Train or fine-tune a detector on labelled images.
 
     \b
@@ -265,6 +267,7 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
             steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, max_minutes=max_minutes, lr_patience=lr_patience,
             early_stop_patience=early_stop_patience, val_crop=val_crop, val_crops_per_image=val_crops_per_image,
             precision=precision, device=device, threads=threads, seed=seed, target_far=target_far, resume=resume,
+            simulate_fakes=simulate_fakes,
         )
         click.echo(f"training on {len(table)} images, validating on {len(val_table)}", err=True)
         run(config, train_table=table, val_table=val_table, log=lambda m: click.echo(m, err=True))
@@ -341,6 +344,46 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
     for note in result.warnings:
         click.secho(f"WARNING: {note}", fg="yellow", err=True)
     click.echo(result.line(), err=True)
+
+
+@main.command()
+@click.option("--train", "train_data", multiple=True, required=True, type=click.Path(exists=True),
+              help="Labelled data (any layout); only its real images are used. Repeatable.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where the simulator is saved (safetensors).")
+@click.option("--steps", default=300, show_default=True)
+@click.option("--crop", default=128, show_default=True, help="Training crop size in px.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", default=2e-4, show_default=True)
+@click.option("--width", default=32, show_default=True, help="Channels of the first layer.")
+@click.option("--blocks", default=3, show_default=True, help="Residual blocks.")
+@click.option("--seed", default=0, show_default=True)
+def simulate(train_data, output, steps, crop, batch_size, lr, width, blocks, seed) -> None:
+    """Train a fake simulator (AutoGAN, Zhang et al. 2019) on real images, for `train --simulate-fakes`.
+
+    \b
+    Example:
+      detector simulate --train ../shared/data/dev/manifest.csv -o runs/simulator.safetensors
+      detector train ... --simulate-fakes runs/simulator.safetensors
+    """
+    import pandas as pd
+
+    from .datasets import read_labelled
+    from .images import ImageError, InputError, decode_image
+    from .training import train_simulator
+
+    try:
+        table = pd.concat([read_labelled(d) for d in train_data], ignore_index=True)
+        images = []
+        for path in table.loc[table["label"] == 0, "path"]:
+            try:
+                images.append(decode_image(path).pixels)
+            except ImageError as err:
+                click.echo(f"skipped {path}: {err}", err=True)
+        train_simulator(images, output, steps=steps, crop=crop, batch_size=batch_size, lr=lr, width=width,
+                        blocks=blocks, seed=seed, log=lambda m: click.echo(m, err=True))
+    except (InputError, ValueError) as err:
+        _fail(str(err))
+    click.echo(f"simulator saved to {output}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 from detector.cli import main
 
 
-@pytest.mark.parametrize("command", [[], ["scan"], ["train"], ["models"], ["evaluate"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["scan"], ["train"], ["models"], ["evaluate"], ["info"], ["simulate"]])
 def test_help_is_complete(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output

@@ -91,3 +91,20 @@ def test_ddp_two_processes_agree(tmp_path, fixture_dir):
     lines = [l for l in proc.stderr.splitlines() if "weights checksum" in l]
     assert len(lines) == 2 and all("ranks agree: True" in l for l in lines), proc.stderr[-2000:]
     assert (tmp_path / "ddp" / "best.safetensors").is_file()
+
+
+def test_simulated_fakes_join_training(tmp_path, fixture_dir):
+    from detector.images import decode_image
+    from detector.training import load_simulator, simulate, train_simulator
+
+    train_t, val_t = _tables(fixture_dir)
+    reals = [decode_image(p).pixels for p in train_t.loc[train_t["label"] == 0, "path"]]
+    sim_path = train_simulator(reals, tmp_path / "sim.safetensors", steps=2, crop=32, batch_size=2, width=8,
+                               blocks=1, log=lambda m: None)
+    sim = load_simulator(sim_path)
+    fake = simulate(sim, reals[0])
+    assert fake.dtype == np.uint8 and fake.shape[2] == 3 and fake.shape[0] % 4 == 0
+    record = train(_config(tmp_path / "s", fixture_dir, max_epochs=1, steps_per_epoch=2, simulate_fakes=str(sim_path)),
+                   train_table=train_t, val_table=val_t, log=lambda m: None)
+    assert record["data"]["n_simulated_fakes"] == 12
+    assert record["data"]["n_train_fake"] == 24

@@ -66,6 +66,7 @@ class TrainConfig:
     target_far: float | None = None
     resume: bool = False
     max_pixels: int = 1 << 28
+    simulate_fakes: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -284,6 +285,16 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
     val_items = _load_items(val_table, 8, config.max_pixels, log)
     if not train_items or not val_items:
         raise ValueError("no usable training or validation images")
+    n_simulated = 0
+    if config.simulate_fakes:
+        from .simulator import load_simulator, simulate
+
+        simulator = load_simulator(config.simulate_fakes)
+        fakes = [simulate(simulator, it.pixels) for it in train_items if it.label == 0]
+        fakes = [f for f in fakes if min(f.shape[:2]) >= config.recipe.crop_size]
+        train_items += [_Item(f, 1, False, "simulated") for f in fakes]
+        n_simulated = len(fakes)
+        log(f"added {n_simulated} simulated fakes from {config.simulate_fakes}")
     prior_q = np.array(
         [q for q in (read_jpeg_quality(p) for p in train_table["path"]) if q is not None], dtype=int
     )
@@ -322,7 +333,7 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
         "config": config.to_dict(),
         "data": {"train": config.train, "val": config.val, "n_train": len(train_items), "n_val": len(val_items),
                  "n_train_real": sum(it.label == 0 for it in train_items),
-                 "n_train_fake": sum(it.label == 1 for it in train_items)},
+                 "n_train_fake": sum(it.label == 1 for it in train_items), "n_simulated_fakes": n_simulated},
         "versions": _versions(),
         "git_commit": _git_commit(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
