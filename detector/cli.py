@@ -69,7 +69,7 @@ def _patch_options(f):
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
                      help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on recent GPUs, else fp32 (fp16 on older GPUs). "
                           "bf16/fp16 run under autocast; fp32 is exact."),
-        click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass."),
+        click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass, at most; capped at 256 Kpixels per batch on the CPU (faster there) and 4 Mpixels elsewhere."),
         click.option("--workers", default=2, show_default=True, help="Decoding processes (0: decode in the main process)."),
         click.option("--max-pixels", default=1 << 28, show_default=True, help="Refuse images with more pixels (decompression bombs)."),
         click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say "

@@ -65,7 +65,15 @@ from . import metrics as M
 from .checkpoints import atomic_write
 from .datasets import COLUMNS, read_scan_output
 from .fusion import FUSION_RULES
-from .images import DECODED_FORMATS, DEFAULT_MAX_PIXELS, ImageError, decode_image, read_jpeg_quality, reencode_jpeg
+from .images import (
+    DECODED_FORMATS,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    decode_image,
+    gaussian_blur,
+    read_jpeg_quality,
+    reencode_jpeg,
+)
 from .inference import Detector
 from .patches import PatchSettings
 from .results import read_run_record

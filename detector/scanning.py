@@ -14,6 +14,7 @@ parts into the output once every part is complete (:func:`merge_shards`).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
-from .inference import Detector, batch_limit
+from .inference import Detector
 from .fusion import FUSION_RULES, combine_crops
 from .patches import PatchSettings
 from .results import (
@@ -217,15 +218,10 @@ def scan_paths(
 
 
 def _scoring_settings(record: dict) -> tuple:
+    """What must not change between a scan and its resume: weights, architecture, precision, cuts, fusion."""
     d = record.get("detector", {})
     return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"),
-            json_key(record.get("patches")), record.get("fusion"))
-
-
-def json_key(value: object) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True)
+            json.dumps(record.get("patches"), sort_keys=True), record.get("fusion"))
 
 
 def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:
@@ -259,7 +255,7 @@ def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, s
     def flush(all_shapes: bool) -> None:
         for shape in list(queues):
             q = queues[shape]
-            size = batch_limit(shape, options.batch_size)
+            size = detector.batch_limit(shape, options.batch_size)
             while len(q) >= size or (all_shapes and q):
                 chunk, queues[shape] = q[:size], q[size:]
                 q = queues[shape]

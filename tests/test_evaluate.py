@@ -78,7 +78,8 @@ def detectors(checkpoint, tmp_path_factory):
     # a second, cheaper architecture (downsampling ResNet-18) with a calibration of its own
     save_checkpoint(second, seeded_model("resnet18", seed=1), {"calibration": {"threshold": 0.25, "temperature": 2.0}},
                     dtype=None)
-    return [Detector.from_checkpoint(checkpoint, device="cpu"), Detector.from_checkpoint(second, device="cpu")]
+    return [Detector.from_checkpoint(checkpoint, device="cpu", precision="fp32"),
+            Detector.from_checkpoint(second, device="cpu", precision="fp32")]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
