@@ -105,7 +105,9 @@ class _DecodeDataset(Dataset):
             item.update(width=img.width, height=img.height, format=img.format)
             plan = self.settings.plan(img.height, img.width, align=self.align)
             item["plan"] = plan
-            item["crops"] = [np.ascontiguousarray(c.cut(img.pixels)) for c in plan]
+            # As tensors: a worker hands them over in shared memory, not through the main process's
+            # heap, where megapixel crops would fragment the memory that the network keeps reusing.
+            item["crops"] = [torch.from_numpy(np.ascontiguousarray(c.cut(img.pixels))) for c in plan]
             if self.thumbnails:
                 step = max(1, int(np.ceil(max(img.height, img.width) / _THUMBNAIL)))
                 item["thumbnail"] = np.ascontiguousarray(img.pixels[::step, ::step])
@@ -236,14 +238,14 @@ def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, s
         persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
     )
     pending: dict[int, _Pending] = {}
-    queues: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+    queues: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
     next_index = 0
     max_pending = max(8, 4 * options.batch_size)
     bar = tqdm(total=len(todo), disable=not options.progress, file=sys.stderr, unit="img", dynamic_ncols=True)
 
-    def run_batch(shape: tuple[int, int], entries: list[tuple[int, int, np.ndarray]]) -> None:
+    def run_batch(shape: tuple[int, int], entries: list[tuple[int, int, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
-        batch = torch.from_numpy(np.stack([e[2] for e in entries])).permute(0, 3, 1, 2)
+        batch = torch.stack([e[2] for e in entries]).permute(0, 3, 1, 2)
         maps = detector.crop_maps(batch)
         share = (time.perf_counter() - t0) / len(entries)
         for (index, k, _), m in zip(entries, maps):
@@ -275,7 +277,7 @@ def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, s
         index = item["index"]
         pending[index] = _Pending(item, [None] * len(item["crops"]), len(item["crops"]), item["seconds"])
         for k, crop in enumerate(item["crops"]):
-            queues.setdefault(crop.shape[:2], []).append((index, k, crop))
+            queues.setdefault(tuple(crop.shape[:2]), []).append((index, k, crop))
         item["crops"] = None  # the queue holds them now
         flush(all_shapes=len(pending) >= max_pending)
         emit()
