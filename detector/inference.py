@@ -102,8 +102,8 @@ def keep_freed_memory() -> bool:
 
 # Input pixels per forward pass. The nodown ResNet-50 keeps ~1 KB of fp32 activations per input
 # pixel alive at its widest point, so this bounds memory for large crops (full-mode tiles). On the
-# CPU, small batches are also faster: measured on 2 cores at 256 px in bf16, 0.22 s per image in
-# batches of 2-4 against 0.45 s in batches of 16, whose activations page-fault the heap (benchmarks/).
+# CPU, small batches are also faster: on 2 cores at 256 px in bf16, 0.22 s per image in batches of
+# 2-8 against 0.32 s in batches of 16, whose activations page-fault the heap (benchmarks/batch_size.py).
 MAX_BATCH_PIXELS = {"cpu": 1 << 18, "default": 1 << 22}
 
 
