@@ -3,8 +3,9 @@
 Two plans:
 
 * :func:`full_plan` covers the whole image. Small images are one crop. Larger ones are cut into
-  tiles whose *core* regions partition the image; each tile is the core plus a margin of context
-  on every side. Only the logit-map cells of the core are kept, so when the margin is at least
+  tiles whose *core* regions partition the image; each tile is the core plus at least a margin of
+  context on every side (edge tiles take more from the inner side, so that all tiles share one
+  shape). Only the logit-map cells of the core are kept, so when the margin is at least
   the network's receptive-field radius, the stitched map equals the map of the untiled image
   (up to float rounding) and the image logit is unchanged. With a smaller margin, cells near a
   core's border see zero padding where the untiled network saw pixels, and the logit drifts by
@@ -73,15 +74,30 @@ def full_plan(height: int, width: int, *, tile_size: int = 512, margin: int = 64
         return [_whole(height, width)]
     tile = _round_up(tile_size, align)
     margin = _round_up(margin, align)
+    side = tile + 2 * margin
     crops = []
     for ct in range(0, height, tile):
         cb = min(ct + tile, height)
+        top, bottom = _window(ct, cb, height, side, margin, align)
         for cl in range(0, width, tile):
             cr = min(cl + tile, width)
-            crops.append(
-                Crop(max(0, ct - margin), max(0, cl - margin), min(height, cb + margin), min(width, cr + margin), ct, cl, cb, cr)
-            )
+            left, right = _window(cl, cr, width, side, margin, align)
+            crops.append(Crop(top, left, bottom, right, ct, cl, cb, cr))
     return crops
+
+
+def _window(core_start: int, core_end: int, length: int, side: int, margin: int, align: int) -> tuple[int, int]:
+    """A crop of ``side`` px around a core, shifted inwards at the image's edges.
+
+    Every tile of an image gets the same shape (when the image is at least ``side`` long): edge
+    tiles take their context from the inner side instead of shrinking. Same shapes batch together
+    and reuse the same activation buffers, which keeps memory from fragmenting on huge images;
+    extra context never changes the kept cells.
+    """
+    if length <= side:
+        return 0, length
+    start = min(max(0, core_start - margin), (length - side) // align * align)
+    return start, max(start + side, min(length, core_end + margin))
 
 
 def patch_plan(

@@ -717,6 +717,9 @@ def test_fuzz_full_plan_cores_partition_the_image(h, w, tile, margin, align):
         assert 0 <= c.top <= c.core_top < c.core_bottom <= c.bottom <= h
         assert 0 <= c.left <= c.core_left < c.core_right <= c.right <= w
         assert c.core_top % align == 0 and c.core_left % align == 0
-        assert c.core_top - c.top <= margin + align and c.bottom - c.core_bottom <= margin + align
+        # at least the margin of context where the image has it; never more than one tile's size
+        m = -(-margin // align) * align
+        assert c.core_top - c.top >= min(m, c.core_top) and c.bottom - c.core_bottom >= min(m, h - c.core_bottom)
+        assert c.bottom - c.top <= -(-tile // align) * align + 2 * m + align
         cover[c.core_top : c.core_bottom, c.core_left : c.core_right] += 1
     assert (cover == 1).all(), "tile cores must cover every pixel exactly once"
