@@ -71,6 +71,7 @@ from .images import (
     ImageError,
     decode_image,
     gaussian_blur,
+    jpeg_quality,
     read_jpeg_quality,
     reencode_jpeg,
 )
@@ -284,7 +285,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         out.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
         with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as img:  # only the formats decode_image reads
             out.update(format=img.format or "", width=img.width, height=img.height)
-        quality = read_jpeg_quality(path) if out["format"] in ("JPEG", "MPO") else None
+            quality = jpeg_quality(img) if out["format"] in ("JPEG", "MPO") else None
         out["jpeg_quality"] = np.nan if quality is None else quality
     except Exception:  # noqa: BLE001 - whatever went wrong, decode_image words it for the error column
         try:

@@ -37,6 +37,7 @@ __all__ = [
     "InputError",
     "decode_image",
     "find_images",
+    "jpeg_quality",
     "gaussian_blur",
     "read_jpeg_quality",
     "reencode_jpeg",
@@ -170,7 +171,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def _jpeg_quality(img: Image.Image) -> int | None:
+def jpeg_quality(img: Image.Image) -> int | None:
     """Estimate the JPEG quality from the luminance quantisation table (IJG scaling)."""
     tables = getattr(img, "quantization", None)
     if not tables or 0 not in tables:
@@ -192,7 +193,7 @@ def read_jpeg_quality(path: str | os.PathLike) -> int | None:
     """Estimated quality of a JPEG file from its header, or None (not JPEG, unreadable)."""
     try:
         with Image.open(path) as img:
-            return _jpeg_quality(img) if img.format in ("JPEG", "MPO") else None
+            return jpeg_quality(img) if img.format in ("JPEG", "MPO") else None
     except (OSError, SyntaxError, ValueError):
         return None
 
@@ -218,7 +219,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
                 raise ImageError(f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
             fmt = img.format or path.suffix.lstrip(".").upper()
             mode = img.mode
-            quality = _jpeg_quality(img) if fmt in ("JPEG", "MPO") else None
+            quality = jpeg_quality(img) if fmt in ("JPEG", "MPO") else None
             img.seek(0)
             img.load()
             pixels = _to_rgb(img)

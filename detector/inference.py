@@ -73,6 +73,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` (``bf16``/``fp16``) on ``device``; a no-op for ``fp32``."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def input_scale(config, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The model's mean and std on the 0-255 scale, shaped ``(1, 3, 1, 1)``, on ``device``."""
+    mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
+def normalise(batch: Tensor, mean: Tensor, std: Tensor, *, channels_last: bool = True) -> Tensor:
+    """uint8 ``(N, 3, H, W)`` to the normalised float input on ``mean``'s device (see :func:`input_scale`)."""
+    x = (batch.to(mean.device, non_blocking=True).float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 _MEMORY_KEPT = False
 
 
@@ -150,8 +170,7 @@ class Detector:
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
-        self._mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._mean, self._std = input_scale(self.config, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
         if self.device.type == "cuda":
@@ -201,21 +220,14 @@ class Detector:
     def label(self, logit: float) -> str:
         return "fake" if logit >= self.threshold else "real"
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
-
     def normalise(self, batch: Tensor) -> Tensor:
         """uint8 ``(N, 3, H, W)`` (any device) to the model's normalised float input on its device."""
-        x = batch.to(self.device, non_blocking=True).float()
-        x = (x - self._mean) / self._std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalise(batch, self._mean, self._std, channels_last=self.channels_last)
 
     @torch.inference_mode()
     def crop_maps(self, batch: Tensor) -> np.ndarray:
         """Logit maps ``(N, h, w)`` float32 of a batch of same-size uint8 crops ``(N, 3, H, W)``."""
-        with self._autocast():
+        with autocast(self.device, self.precision):
             maps = self.model.logit_map(self.normalise(batch))
         return maps[:, 0].float().cpu().numpy()
 

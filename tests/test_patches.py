@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from detector.fusion import combine_crops, fuse
 from detector.inference import Detector

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoints import atomic_write, load_model, save_checkpoint
-from ..images import ImageError, decode_image, read_jpeg_quality
+from ..images import ImageError, decode_image
+from ..inference import Detector, autocast, input_scale, normalise, resolve_device
 from ..metrics import auc, logloss, sigmoid
 from ..models import create_model
 from .calibration import fit_calibration
@@ -79,6 +80,7 @@ class _Item:
     label: int
     was_jpeg: bool
     group: str
+    jpeg_quality: int | None = None
 
 
 def _git_commit() -> str | None:
@@ -114,7 +116,7 @@ def _load_items(table: pd.DataFrame, min_size: int, max_pixels: int, log) -> lis
             log(f"skipped {row.path}: {img.width}x{img.height} is smaller than the {min_size} px crop")
             continue
         group = str(row.generator) if row.label == 1 else str(row.source)
-        items.append(_Item(img.pixels, int(row.label), img.format in ("JPEG", "MPO"), group))
+        items.append(_Item(img.pixels, int(row.label), img.format in ("JPEG", "MPO"), group, img.jpeg_quality))
     return items
 
 
@@ -169,38 +171,16 @@ def _broadcast_floats(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-class _Normalise(nn.Module):
-    def __init__(self, mean, std) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
-def _validate(model, norm, val_crops, device, precision, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
+def _validate(model: nn.Module, val_crops, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image logits (mean over its crops) of the validation set, scored as ``scan`` scores them."""
+    detector = Detector(model, device=device, precision=precision)  # puts the model in eval mode
     labels, logits = [], []
     for label, crops in val_crops:
-        by_shape: dict = {}
-        for c in crops:
-            by_shape.setdefault(c.shape, []).append(c)
-        values = []
-        for same in by_shape.values():
-            for s in range(0, len(same), batch_size):
-                x = torch.from_numpy(np.stack(same[s : s + batch_size])).permute(0, 3, 1, 2).to(device)
-                with _autocast(device, precision):
-                    values.extend(model(norm(x)).float().cpu().tolist())
+        values: list[float] = []
+        for shape in dict.fromkeys(c.shape for c in crops):
+            batch = torch.from_numpy(np.stack([c for c in crops if c.shape == shape])).permute(0, 3, 1, 2)
+            values.extend(detector.crop_maps(batch).mean(axis=(1, 2)).tolist())
         labels.append(label)
         logits.append(float(np.mean(values)))
     model.train()
@@ -259,8 +239,6 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
 def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataFrame, log=print) -> dict:
     """Train (or fine-tune, or resume) a detector; returns the final record (also in the checkpoints)."""
-    from ..inference import resolve_device
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
@@ -294,9 +272,8 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
         train_items += [_Item(f, 1, False, "simulated") for f in fakes]
         n_simulated = len(fakes)
         log(f"added {n_simulated} simulated fakes from {config.simulate_fakes}")
-    prior_q = np.array(
-        [q for q in (read_jpeg_quality(p) for p in train_table["path"]) if q is not None], dtype=int
-    )
+    # the JPEG qualities of the training set: never-compressed crops are first compressed like these
+    prior_q = np.array([it.jpeg_quality for it in train_items if it.jpeg_quality is not None], dtype=int)
     weights = _sampling_weights(train_items)
     val_crops = [
         (it.label, validation_crops(it.pixels, config.val_crop, config.val_crops_per_image, config.val_quality))
@@ -314,7 +291,7 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
         model, info = load_model(config.init, None if config.architecture == "resnet50nodown" else config.architecture)
         log(f"initialised from {config.init} ({info.architecture}, sha256 {info.sha256[:12]})")
     arch = model.config.architecture
-    norm = _Normalise(model.config.mean, model.config.std).to(device)
+    mean, std = input_scale(model.config, device)
     model = model.to(device, memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -349,8 +326,8 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
         for _ in range(config.steps_per_epoch):
             x, y = _make_batch(train_items, weights, config, step, prior_q, rank=rank if world > 1 else None)
             x, y = x.to(device), y.to(device)
-            with _autocast(device, config.precision):
-                logits = net(norm(x).contiguous(memory_format=torch.channels_last))
+            with autocast(device, config.precision):
+                logits = net(normalise(x, mean, std))
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -359,7 +336,7 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
             step += 1
         stop = False
         if rank == 0:
-            labels, val_logits = _validate(model, norm, val_crops, device, config.precision)
+            labels, val_logits = _validate(model, val_crops, device, config.precision)
             val_auc = auc(labels, val_logits)
             val_loss = logloss(labels, sigmoid(val_logits))
         else:
