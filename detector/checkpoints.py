@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -39,6 +40,7 @@ __all__ = [
     "atomic_write",
     "file_sha256",
     "load_model",
+    "read_metadata",
     "read_state_dict",
     "save_checkpoint",
 ]
@@ -63,13 +65,24 @@ class CheckpointInfo:
 
     @property
     def temperature(self) -> float:
-        """Divides logits before the sigmoid; fitted on validation data by training (default 1)."""
+        """Divides the logit's distance to the threshold before the sigmoid (default 1)."""
         return float(self.metadata.get("calibration", {}).get("temperature", 1.0))
 
     @property
     def threshold(self) -> float:
-        """Logit at or above which an image is called generated (default 0)."""
+        """Logit at or above which an image is called generated, where the probability is 0.5 (default 0)."""
         return float(self.metadata.get("calibration", {}).get("threshold", 0.0))
+
+    def margin(self, logit: float) -> float:
+        """The calibrated logit ``(logit - threshold) / temperature``: Platt scaling ``a * logit + b``
+        with ``a = 1 / temperature`` and ``b = -threshold / temperature``. Positive means generated."""
+        return (float(logit) - self.threshold) / self.temperature
+
+    def probability(self, logit: float) -> float:
+        """Calibrated probability of "generated": ``sigmoid(margin)``, so it is at least 0.5 exactly
+        when the logit reaches the threshold."""
+        z = self.margin(logit)
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
     @property
     def is_placeholder(self) -> bool:
@@ -113,6 +126,23 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     if not state:
         raise CheckpointError(f"{path}: no tensors found (looked under {', '.join(_WRAPPER_KEYS)} and at the top level)")
     return state
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The project metadata of a checkpoint without reading its tensors (``{}`` for published files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not _is_safetensors(path):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(METADATA_KEY)
+        return json.loads(raw) if raw else {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {err}") from None
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:

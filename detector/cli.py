@@ -6,12 +6,16 @@ object, calls the API, and turns exceptions into clear messages and exit codes.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "resnet50nodown_dev.safetensors"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# The default detector: the models this file names, fused by its rule (see weights/MODEL_CARD.md).
+DEFAULT_MODEL_SET = WEIGHTS_DIR / "detector.json"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "resnet50nodown_dev.safetensors"
 
 
 def _fail(message: str) -> None:
@@ -23,25 +27,55 @@ def _fail(message: str) -> None:
 def main() -> None:
     """Tell AI-generated images from real photographs.
 
-    The network is the no-downsample ResNet-50 of Gragnaniello et al. (ICME 2021) and Corvi et
-    al. (ICASSP 2023). Start with `detector scan FOLDER`.
+    Two detectors decide together by default: the no-downsample ResNet-50 of Gragnaniello et al.
+    (ICME 2021) and Corvi et al. (ICASSP 2023), which looks for pixel-level generation traces, and
+    a linear probe on frozen CLIP features (Ojha et al. 2023; Cozzolino et al. 2024). Start with
+    `detector scan FOLDER`.
     """
 
 
-def _load_detector(weights: str | None, architecture: str | None, device: str, precision: str):
-    from .checkpoints import CheckpointError
-    from .inference import Detector
+def _warn(message: str) -> None:
+    click.secho(f"WARNING: {message}", fg="yellow", err=True)
 
-    path = Path(weights) if weights else DEFAULT_WEIGHTS
+
+def _load_one(path: Path, architecture: str | None, device: str, precision: str):
+    from .backbones import BackboneError
+    from .checkpoints import CheckpointError
+    from .inference import load_detector
+
     if not path.exists():
-        _fail(f"weights not found: {path}" + ("" if weights else " (the bundled default weights are missing from this checkout)"))
+        _fail(f"weights not found: {path}")
     try:
-        detector = Detector.from_checkpoint(path, device=device, precision=precision, architecture=architecture)
-    except (CheckpointError, ValueError) as err:
+        detector = load_detector(path, device=device, precision=precision, architecture=architecture)
+    except (CheckpointError, BackboneError, ValueError) as err:
         _fail(str(err))
     if detector.info.is_placeholder:
-        click.secho(f"WARNING: {path.name} is a placeholder checkpoint: its scores mean nothing yet.", fg="yellow", err=True)
+        _warn(f"{path.name} is a placeholder checkpoint: its scores mean nothing yet.")
     return detector
+
+
+def _load_models(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
+                 fusion_models: str | None = None):
+    """The detector(s) to run: the given --weights (several are fused), else the default model set.
+
+    Returns ``(members, names, rule)``.
+    """
+    from .checkpoints import CheckpointError
+    from .inference import load_ensemble
+
+    if weights:
+        members = [_load_one(Path(w), architecture, device, precision) for w in weights]
+        names = [Path(w).stem for w in weights]
+        return members, names, fusion_models or "mean"
+    if architecture:
+        _fail("--arch applies to a published checkpoint given with --weights")
+    if not DEFAULT_MODEL_SET.is_file():
+        return [_load_one(DEFAULT_WEIGHTS, None, device, precision)], [DEFAULT_WEIGHTS.stem], fusion_models or "mean"
+    try:
+        ensemble = load_ensemble(DEFAULT_MODEL_SET, device=device, precision=precision, warn=_warn)
+    except (CheckpointError, ValueError) as err:
+        _fail(str(err))
+    return ensemble.members, ensemble.names, fusion_models or ensemble.rule
 
 
 def _patch_options(f):
@@ -92,8 +126,11 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--weights", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint (safetensors or a published .pth). Default: the bundled weights.")
+@click.option("--weights", multiple=True, type=click.Path(dir_okay=False),
+              help="Checkpoint (safetensors, a published .pth, or a CLIP probe); repeat it to fuse several. "
+                   "Default: the bundled model set (ResNet-50 and CLIP probe, fused).")
+@click.option("--fusion-models", type=click.Choice(["mean", "max", "soft-or"]), default=None,
+              help="How several models' calibrated logits are fused (default: the model set's rule, else mean).")
 @click.option("--output", "-o", default="results.csv", show_default=True, type=click.Path(dir_okay=False),
               help="CSV written one row per file, flushed as it goes.")
 @click.option("--resume", is_flag=True, help="Skip files already in --output (after repairing a torn last row).")
@@ -101,7 +138,7 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @click.option("--table/--no-table", default=False, help="Print the results as a table on stdout at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_patch_options
-def scan(inputs, weights, output, resume, heatmaps, table, quiet, mode, patch_size, num_patches, layout, seed, fusion,
+def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, quiet, mode, patch_size, num_patches, layout, seed, fusion,
          tile_size, tile_margin, device, precision, batch_size, workers, max_pixels, architecture) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
@@ -115,9 +152,12 @@ def scan(inputs, weights, output, resume, heatmaps, table, quiet, mode, patch_si
     from .scanning import ScanOptions
     from .scanning import scan as run
 
+    from .inference import Ensemble
+
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
-    detector = _load_detector(weights, architecture, device, precision)
+    members, names, rule = _load_models(weights, architecture, device, precision, fusion_models)
     try:
+        detector = Ensemble(members, names, rule)
         options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
         summary = run(inputs, detector, output, options)
@@ -231,14 +271,27 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir exactly where it stopped.")
 @click.option("--simulate-fakes", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A simulator from `detector simulate`: its reconstructions of the real training images join the fakes.")
+@click.option("--views", default=4, show_default=True, help="CLIP probe: 224 px views per image (their logits are averaged).")
+@click.option("--view-mode", type=click.Choice(["crop", "resize"]), default="crop", show_default=True,
+              help="CLIP probe: native-resolution crops, or CLIP's resize of the short side to 224.")
+@click.option("--feature", type=click.Choice(["embeds", "cls", "tokens"]), default="embeds", show_default=True,
+              help="CLIP probe: the projected embedding, or the last block's class token or mean patch token.")
+@click.option("--probe-c", type=float, default=None,
+              help="CLIP probe: inverse L2 strength of the logistic regression (default: chosen on validation AUC).")
+@click.option("--probe-align-jpeg", type=click.IntRange(1, 100), default=None,
+              help="CLIP probe: re-encode every training and validation image of both classes at this JPEG quality.")
 def train(train_data, val_data, val_sources, output_dir, init, architecture, crop_size, batch_size, lr, weight_decay,
           steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
           jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
-          device, threads, seed, resume, simulate_fakes) -> None:
-    """Train or fine-tune a detector on labelled images.
+          device, threads, seed, resume, simulate_fakes, views, view_mode, feature, probe_c, probe_align_jpeg) -> None:
+    """Train or fine-tune a detector on labelled images (or fit a CLIP probe: --arch clip-probe:BACKBONE).
 
     \b
-    Example (the project's default weights):
+    Example (a CLIP linear probe, minutes on a CPU):
+      detector train --arch clip-probe:clip:onnx:weights/clip_vitb16.int8.onnx \\
+        --train data/splits/train.csv --val data/splits/val.csv --output-dir runs/probe
+    \b
+    Example (the no-downsample ResNet-50):
       detector train --train ../shared/data/dev/manifest.csv \\
         --val-sources sd-v2-depth2img,sd-v2-unclip,deb-mate-backgrounds \\
         --output-dir runs/dev --crop-size 64 --precision bf16
@@ -258,6 +311,20 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
             table, val_table = split_by_source(table, [s for s in val_sources.split(",") if s])
         else:
             _fail("give --val data or --val-sources to hold out of --train")
+        if architecture.startswith("clip-probe:"):
+            from .backbones import BackboneError
+            from .training.probe import ProbeTrainConfig, train_probe
+
+            probe_config = ProbeTrainConfig(
+                train=list(train_data), val=list(val_data) or [f"held out of --train: {val_sources}"],
+                output_dir=output_dir, backbone=architecture[len("clip-probe:"):], feature=feature, views=views,
+                view_mode=view_mode, align_jpeg=probe_align_jpeg, c=probe_c, target_far=target_far, threads=threads,
+                seed=seed)
+            try:
+                train_probe(probe_config, train_table=table, val_table=val_table, log=lambda m: click.echo(m, err=True))
+            except BackboneError as err:
+                _fail(str(err))
+            return
         recipe = Recipe(crop_size=crop_size, blur_p=blur_p, blur_sigma=_floats(blur_sigma), jpeg_p=jpeg_p,
                         jpeg_quality=tuple(int(v) for v in _floats(jpeg_quality)), jpeg_align=jpeg_align,
                         align_quality=tuple(int(v) for v in _floats(align_quality)), rotate_flip=rotate_flip)
@@ -285,8 +352,9 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 @click.option("--labels", type=click.Path(exists=True), default=None,
               help="Labels (manifest CSV or labelled folder) for DATA given as `detector scan` output CSVs, which are "
                    "then evaluated without scoring again.")
-@click.option("--fusion-models", type=click.Choice(["mean", "max", "soft-or"]), default="mean", show_default=True,
-              help="With several --weights: how their temperature-scaled logits make the fused column.")
+@click.option("--fusion-models", type=click.Choice(["mean", "max", "soft-or"]), default=None,
+              help="With several models: how their calibrated logits make the fused column (default: the model "
+                   "set's rule, else mean).")
 @click.option("--align-jpeg", type=click.IntRange(1, 100), default=None,
               help="Re-encode every image of both classes as JPEG at this quality (in memory) before scoring.")
 @click.option("--center-crop", type=click.IntRange(min=8), default=None,
@@ -324,7 +392,7 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
     scans = [is_scan_output(d) for d in data]
     try:
-        options = EvalOptions(patches=settings, fusion=fusion, model_fusion=fusion_models, align_jpeg=align_jpeg,
+        options = EvalOptions(patches=settings, fusion=fusion, model_fusion=fusion_models or "mean", align_jpeg=align_jpeg,
                               center_crop=center_crop, perturbations=parse_perturbations(perturb),
                               batch_size=batch_size, workers=workers, max_pixels=max_pixels, seed=seed, n_boot=n_boot,
                               progress=not quiet)
@@ -336,8 +404,9 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
             if labels:
                 _fail("--labels is for `detector scan` output CSVs; DATA here carries its own labels")
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
-            detectors = [_load_detector(w, architecture, device, precision) for w in (weights or [None])]
-            result = run(table, detectors, output_dir, options, inputs=[str(d) for d in data])
+            detectors, names, rule = _load_models(weights, architecture, device, precision, fusion_models)
+            options = dataclasses.replace(options, model_fusion=rule)
+            result = run(table, detectors, output_dir, options, names=names, inputs=[str(d) for d in data])
     except (InputError, ValueError, FileExistsError, RuntimeError) as err:
         _fail(str(err))
     click.echo(summary_table(result.metrics))

@@ -135,7 +135,8 @@ def is_scan_output(path: str | os.PathLike) -> bool:
     if not path.is_file() or path.suffix.lower() != ".csv":
         return False
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        return next(csv.reader(fh), None) == RESULT_COLUMNS
+        header = next(csv.reader(fh), None) or []
+        return header[: len(RESULT_COLUMNS)] == RESULT_COLUMNS
 
 
 def _path_key(path: str | os.PathLike) -> str:

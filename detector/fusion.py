@@ -1,9 +1,15 @@
-"""Rules that fuse the logits of an image's patches into one image logit.
+"""Rules that fuse scores: an image's patch logits into one logit, and several models into one.
 
-Plain functions of arrays. ``mean`` is what the published detectors do over the logit map;
-``max`` flags an image if any part looks generated (local edits, splices); ``median`` and
-``trimmed`` resist a few outlying patches; ``lse`` (log-mean-exp) is a smooth maximum that
-lies between the mean and the max.
+Plain functions of arrays. Patches (:func:`fuse`): ``mean`` is what the published detectors do
+over the logit map; ``max`` flags an image if any part looks generated (local edits, splices);
+``median`` and ``trimmed`` resist a few outlying patches; ``lse`` (log-mean-exp) is a smooth
+maximum that lies between the mean and the max.
+
+Models (:func:`fuse_margins`) are fused on their *calibrated* logits (margins, see
+:meth:`detector.checkpoints.CheckpointInfo.margin`), where 0 is each model's own decision point:
+``mean`` averages them (GRIP's ClipBased release averages the logits of its CLIP detector and of
+Corvi et al.'s network); ``max`` follows the most suspicious model; ``soft-or`` is the
+probability that at least one model is right to call the image generated, ``1 - prod(1 - p_i)``.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import numpy as np
 
 from .patches import Crop, map_cells
 
-__all__ = ["FUSION_RULES", "fuse", "combine_crops"]
+__all__ = ["FUSION_RULES", "MODEL_FUSION_RULES", "fuse", "fuse_margins", "combine_crops"]
 
 FUSION_RULES = ("mean", "max", "median", "trimmed", "lse")
+MODEL_FUSION_RULES = ("mean", "max", "soft-or")
 
 
 def fuse(logits: np.ndarray, rule: str = "mean", *, weights: np.ndarray | None = None, trim: float = 0.2) -> float:
@@ -96,3 +103,24 @@ def combine_crops(
     if mode == "patches":
         return fuse(np.array([float(np.mean(m)) for m in maps]), rule), canvas
     raise ValueError(f"mode must be 'full' or 'patches', got {mode!r}")
+
+
+def fuse_margins(margins: np.ndarray, rule: str = "mean") -> np.ndarray:
+    """Fuse calibrated logits ``(n_images, n_models)`` into one calibrated logit per image.
+
+    The result is again a margin: ``sigmoid`` of it is the fused probability, and it is >= 0
+    exactly when the fused decision is "generated". A NaN in a row gives NaN.
+    """
+    z = np.asarray(margins, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise ValueError(f"margins must be (n_images, n_models), got shape {z.shape}")
+    if rule == "mean":
+        return z.mean(axis=1)
+    if rule == "max":
+        return z.max(axis=1)
+    if rule == "soft-or":
+        # log prod(1 - p_i) = -sum softplus(z_i); logit(1 - prod(1 - p_i)) = log(1 - e^s) - s
+        with np.errstate(invalid="ignore"):
+            s = -np.logaddexp(0.0, z).sum(axis=1)
+            return np.log(-np.expm1(np.minimum(s, -1e-300))) - s
+    raise ValueError(f"model fusion must be one of {MODEL_FUSION_RULES}, got {rule!r}")

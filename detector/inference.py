@@ -213,12 +213,14 @@ class Detector:
         return self.info.threshold if self.info else 0.0
 
     def probability(self, logit: float) -> float:
-        """Calibrated probability that the image is generated: ``sigmoid(logit / temperature)``."""
-        z = logit / self.temperature
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        """Calibrated probability that the image is generated (see :meth:`CheckpointInfo.probability`)."""
+        if self.info is None:
+            return 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1.0 + math.exp(logit))
+        return self.info.probability(logit)
 
     def label(self, logit: float) -> str:
-        return "fake" if logit >= self.threshold else "real"
+        """``fake`` exactly when the calibrated probability is at least 0.5."""
+        return "fake" if self.probability(logit) >= 0.5 else "real"
 
     def normalise(self, batch: Tensor) -> Tensor:
         """uint8 ``(N, 3, H, W)`` (any device) to the model's normalised float input on its device."""
@@ -291,3 +293,87 @@ class Detector:
             "threshold": self.threshold,
             "torch": torch.__version__,
         }
+
+
+def load_detector(path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
+                  architecture: str | None = None, threads: int | None = None):
+    """A :class:`Detector` or, for a CLIP-probe checkpoint, a :class:`~detector.probe.ProbeDetector`."""
+    from .checkpoints import read_metadata
+    from .probe import PROBE_PREFIX, ProbeDetector
+
+    if str(read_metadata(path).get("architecture", "")).startswith(PROBE_PREFIX):
+        if architecture:
+            raise ValueError(f"{path}: is a CLIP probe checkpoint; --arch does not apply to it")
+        return ProbeDetector.from_checkpoint(path, device=device, precision=precision, threads=threads)
+    return Detector.from_checkpoint(path, device=device, precision=precision, architecture=architecture)
+
+
+class Ensemble:
+    """Several detectors that score every image and decide together (:func:`detector.fusion.fuse_margins`).
+
+    At most one member is a convolutional :class:`Detector` (scanned patch by patch); the others
+    are probes that score their own views. Each member's logit is turned into its calibrated
+    margin, the margins are fused by ``rule``, and the fused margin's sigmoid is the probability.
+    """
+
+    def __init__(self, members: list, names: list[str], rule: str = "mean") -> None:
+        from .fusion import MODEL_FUSION_RULES
+
+        if not members or len(members) != len(names):
+            raise ValueError("an ensemble needs one name per member and at least one member")
+        if sum(isinstance(m, Detector) for m in members) > 1:
+            raise ValueError("an ensemble holds at most one convolutional detector")
+        if rule not in MODEL_FUSION_RULES:
+            raise ValueError(f"model fusion must be one of {MODEL_FUSION_RULES}, got {rule!r}")
+        self.members, self.names, self.rule = list(members), list(names), rule
+
+    @property
+    def conv(self) -> "Detector | None":
+        return next((m for m in self.members if isinstance(m, Detector)), None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def fused_margin(self, logits: list[float]) -> float:
+        """The fused calibrated logit of one image from its members' raw logits."""
+        from .fusion import fuse_margins
+
+        margins = [m.info.margin(z) if m.info else z for m, z in zip(self.members, logits)]
+        return float(fuse_margins(np.array([margins]), self.rule)[0])
+
+    def describe(self) -> dict:
+        return {"fusion": self.rule, "members": {n: m.describe() for n, m in zip(self.names, self.members)}}
+
+
+def load_ensemble(spec: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
+                  threads: int | None = None, warn=None) -> Ensemble:
+    """The models a JSON spec names, fused by its rule (the bundled default is ``weights/detector.json``).
+
+    The spec: ``{"models": [{"name": ..., "weights": FILE}, ...], "fusion": "mean"}`` with files
+    relative to the spec's folder. A probe whose encoder file is missing is left out with one
+    message through ``warn`` (the rest still runs); any other problem is an error.
+    """
+    import json
+
+    from .backbones import BackboneError
+
+    spec = Path(spec)
+    try:
+        config = json.loads(spec.read_text(encoding="utf-8"))
+        entries = [(str(m["name"]), spec.parent / str(m["weights"])) for m in config["models"]]
+        rule = str(config.get("fusion", "mean"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{spec}: not a model-set file ({err})") from None
+    members, names = [], []
+    for name, path in entries:
+        try:
+            members.append(load_detector(path, device=device, precision=precision, threads=threads))
+            names.append(name)
+        except BackboneError as err:
+            if warn is None:
+                raise
+            warn(f"{err} Scoring without the {name} model.")
+    if not members:
+        raise ValueError(f"{spec}: none of its models could be loaded")
+    return Ensemble(members, names, rule)

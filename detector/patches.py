@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Crop", "PatchSettings", "full_plan", "patch_plan", "map_cells"]
+__all__ = ["Crop", "PatchSettings", "encoder_views", "full_plan", "patch_plan", "map_cells"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,28 @@ class PatchSettings:
             height, width, patch_size=self.patch_size, num_patches=self.num_patches,
             layout=self.layout, seed=self.seed, align=align,
         )
+
+
+VIEW_MODES = ("crop", "resize")
+
+
+def encoder_views(pixels: np.ndarray, *, size: int = 224, n: int = 1, mode: str = "crop") -> np.ndarray:
+    """``(k, size, size, 3)`` uint8 views of an image for a pretrained encoder (``k <= n``).
+
+    ``crop`` cuts ``n`` grid crops of ``size`` px at native resolution (the traces a generator
+    leaves survive); only an image smaller than ``size`` is first enlarged (bicubic) to that
+    size. ``resize`` is CLIP's own preprocessing: the short side is resized (bicubic) to ``size``,
+    then ``n`` grid crops are cut (``n = 1``: the centre crop).
+    """
+    from PIL import Image
+
+    if mode not in VIEW_MODES:
+        raise ValueError(f"view mode must be one of {VIEW_MODES}, got {mode!r}")
+    h, w = pixels.shape[:2]
+    short = min(h, w)
+    if short < size or (mode == "resize" and short != size):
+        scale = size / short
+        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        pixels = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(new, Image.Resampling.BICUBIC))
+    crops = patch_plan(pixels.shape[0], pixels.shape[1], patch_size=size, num_patches=n, align=1)
+    return np.stack([np.ascontiguousarray(c.cut(pixels)) for c in crops])

@@ -15,20 +15,25 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoints import atomic_write
 
-__all__ = ["RESULT_COLUMNS", "ImageResult", "ResultWriter", "display_path", "repair_and_read", "write_heatmap",
+__all__ = ["RESULT_COLUMNS", "ImageResult", "result_columns", "ResultWriter", "display_path", "repair_and_read", "write_heatmap",
            "write_run_record", "read_run_record", "heatmap_name"]
 
 
 @dataclass
 class ImageResult:
-    """One row of a scan's output."""
+    """One row of a scan's output.
+
+    With several models, ``logit`` and ``probability`` are the fused ones and ``models`` holds
+    each model's own ``(logit, probability)``, written as ``logit_<name>`` and
+    ``probability_<name>`` columns after the common ones.
+    """
 
     path: str
     logit: float | None = None
@@ -40,8 +45,9 @@ class ImageResult:
     n_patches: int = 0
     seconds: float = 0.0
     error: str = ""
+    models: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
-    def row(self) -> list[str]:
+    def row(self, model_names: list[str] | tuple[str, ...] = ()) -> list[str]:
         def text(v: object) -> str:
             if v is None:
                 return ""
@@ -49,10 +55,19 @@ class ImageResult:
                 return f"{v:.6g}" if math.isfinite(v) else ""
             return str(v)
 
-        return [text(getattr(self, f.name)) for f in fields(self)]
+        base = [text(getattr(self, name)) for name in RESULT_COLUMNS]
+        for name in model_names:
+            logit, probability = self.models.get(name, (None, None))
+            base += [text(logit), text(probability)]
+        return base
 
 
-RESULT_COLUMNS = [f.name for f in fields(ImageResult)]
+RESULT_COLUMNS = [f.name for f in fields(ImageResult) if f.name != "models"]
+
+
+def result_columns(model_names: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The CSV header: :data:`RESULT_COLUMNS`, then ``logit_<name>, probability_<name>`` per model."""
+    return RESULT_COLUMNS + [f"{kind}_{name}" for name in model_names for kind in ("logit", "probability")]
 
 
 def display_path(path: str | os.PathLike) -> str:
@@ -92,20 +107,18 @@ def repair_and_read(path: str | os.PathLike) -> list[dict[str, str]]:
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return []
-    if rows[0] != RESULT_COLUMNS:
+    header = rows[0]
+    if header[: len(RESULT_COLUMNS)] != RESULT_COLUMNS:
         raise ValueError(f"{path} is not a detector results file (header {rows[0][:4]}...); choose another --output")
-    out = []
-    for r in rows[1:]:
-        if len(r) == len(RESULT_COLUMNS):
-            out.append(dict(zip(RESULT_COLUMNS, r)))
-    return out
+    return [dict(zip(header, r)) for r in rows[1:] if len(r) == len(header)]
 
 
 class ResultWriter:
     """Append rows to the output CSV, writing the header for a new file; flush every row."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, model_names: list[str] | tuple[str, ...] = ()) -> None:
         self.path = Path(path)
+        self.model_names = tuple(model_names)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._fh = open(self.path, "a", newline="", encoding="utf-8")
@@ -114,14 +127,14 @@ class ResultWriter:
         # pandas and the csv module read as a line break: rows holding one quote every field.
         self._quoted = csv.writer(self._fh, lineterminator="\n", quoting=csv.QUOTE_ALL)
         if new:
-            self._csv.writerow(RESULT_COLUMNS)
+            self._csv.writerow(result_columns(self.model_names))
             self._fh.flush()
 
     def write(self, result: ImageResult) -> None:
-        self.write_row(result.row())
+        self.write_row(result.row(self.model_names))
 
     def write_row(self, row: list[str]) -> None:
-        """Write one row of text fields (in :data:`RESULT_COLUMNS` order) and flush it."""
+        """Write one row of text fields (in :func:`result_columns` order) and flush it."""
         (self._quoted if any("\r" in field for field in row) else self._csv).writerow(row)
         self._fh.flush()
 

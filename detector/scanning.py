@@ -14,6 +14,7 @@ parts into the output once every part is complete (:func:`merge_shards`).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import signal
@@ -32,9 +33,10 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
-from .inference import Detector
+from .metrics import sigmoid
 from .fusion import FUSION_RULES, combine_crops
-from .patches import PatchSettings
+from .inference import Detector, Ensemble
+from .patches import PatchSettings, encoder_views
 from .results import (
     ImageResult,
     ResultWriter,
@@ -45,7 +47,7 @@ from .results import (
     write_run_record,
 )
 
-__all__ = ["ScanOptions", "ScanSummary", "scan", "scan_paths"]
+__all__ = ["ScanOptions", "ScanSummary", "as_ensemble", "scan", "scan_paths"]
 
 _THUMBNAIL = 1024
 
@@ -87,27 +89,34 @@ class ScanSummary:
 
 
 class _DecodeDataset(Dataset):
-    """Decodes an image and cuts its crops (in a worker process)."""
+    """Decodes an image and cuts its crops and the probes' views (in a worker process).
 
-    def __init__(self, paths: Sequence[Path], settings: PatchSettings, max_pixels: int, align: int, thumbnails: bool):
+    ``settings`` is None when no convolutional model scores crops; ``view_specs`` holds one
+    ``(size, n, mode)`` per probe (see :func:`detector.patches.encoder_views`).
+    """
+
+    def __init__(self, paths: Sequence[Path], settings: PatchSettings | None, max_pixels: int, align: int,
+                 thumbnails: bool, view_specs: Sequence[tuple[int, int, str]] = ()):
         self.paths, self.settings, self.max_pixels = list(paths), settings, max_pixels
-        self.align, self.thumbnails = align, thumbnails
+        self.align, self.thumbnails, self.view_specs = align, thumbnails, list(view_specs)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
         t0 = time.perf_counter()
-        item = {"index": index, "path": self.paths[index], "error": "", "crops": [], "plan": [],
+        item = {"index": index, "path": self.paths[index], "error": "", "crops": [], "plan": [], "views": [],
                 "width": None, "height": None, "format": "", "thumbnail": None}
         try:
             img = decode_image(self.paths[index], max_pixels=self.max_pixels)
             item.update(width=img.width, height=img.height, format=img.format)
-            plan = self.settings.plan(img.height, img.width, align=self.align)
+            plan = self.settings.plan(img.height, img.width, align=self.align) if self.settings else []
             item["plan"] = plan
             # As tensors: a worker hands them over in shared memory, not through the main process's
             # heap, where megapixel crops would fragment the memory that the network keeps reusing.
             item["crops"] = [torch.from_numpy(np.ascontiguousarray(c.cut(img.pixels))) for c in plan]
+            item["views"] = [torch.from_numpy(encoder_views(img.pixels, size=size, n=n, mode=mode))
+                             for size, n, mode in self.view_specs]
             if self.thumbnails:
                 step = max(1, int(np.ceil(max(img.height, img.width) / _THUMBNAIL)))
                 item["thumbnail"] = np.ascontiguousarray(img.pixels[::step, ::step])
@@ -159,15 +168,41 @@ def shard_path(output: Path, rank: int, world_size: int) -> Path:
     return output if world_size == 1 else output.with_name(f"{output.name}.rank{rank}of{world_size}")
 
 
+def as_ensemble(models: "Detector | Ensemble | object") -> Ensemble:
+    """Any detector, probe or ensemble as an :class:`Ensemble` (one member: its own verdicts)."""
+    if isinstance(models, Ensemble):
+        return models
+    name = Path(models.info.path).stem if getattr(models, "info", None) else "model"
+    return Ensemble([models], [name])
+
+
+def _describe(ensemble: Ensemble) -> dict:
+    """The run record's ``detector`` entry: the model itself, or the ensemble with its members.
+
+    An ensemble's ``logit`` column is the fused calibrated logit, so its threshold is 0 and its
+    temperature 1; ``weights_sha256`` then digests the members' hashes and the rule.
+    """
+    if len(ensemble.members) == 1:
+        return ensemble.members[0].describe()
+    described = ensemble.describe()
+    digest = hashlib.sha256(json.dumps([[m.get("weights_sha256") for m in described["members"].values()],
+                                        ensemble.rule]).encode()).hexdigest()
+    return {**described, "weights": "ensemble", "weights_sha256": digest, "architecture": "ensemble",
+            "precision": "+".join(m.precision for m in ensemble.members), "threshold": 0.0, "temperature": 1.0,
+            "device": str(ensemble.device)}
+
+
 def scan_paths(
     paths: Sequence[Path],
-    detector: Detector,
+    detector: "Detector | Ensemble",
     output: str | os.PathLike,
     options: ScanOptions = ScanOptions(),
     *,
     record: dict | None = None,
 ) -> ScanSummary:
     """Score ``paths`` into the CSV ``output`` (one rank's share when sharded)."""
+    ensemble = as_ensemble(detector)
+    conv = ensemble.conv
     output = Path(output)
     start = time.perf_counter()
     summary = ScanSummary(output=str(output), n_files=len(paths))
@@ -179,8 +214,8 @@ def scan_paths(
     try:
         settings_record = {
             **(record or {}),
-            "detector": detector.describe(),
-            "patches": asdict(detector.resolve_settings(options.patches)),
+            "detector": _describe(ensemble),
+            "patches": asdict(conv.resolve_settings(options.patches)) if conv else None,
             "fusion": options.fusion,
             "max_pixels": options.max_pixels,
         }
@@ -205,8 +240,9 @@ def scan_paths(
         heat_dir = Path(options.heatmaps) if options.heatmaps else None
         if heat_dir:
             heat_dir.mkdir(parents=True, exist_ok=True)
-        with ResultWriter(output) as writer:
-            _run(todo, detector, options, writer, summary, heat_dir)
+        names = ensemble.names if len(ensemble.members) > 1 else []
+        with ResultWriter(output, names) as writer:
+            _run(todo, ensemble, options, writer, summary, heat_dir)
     finally:
         # Unlink while still holding the lock: a scan that opened the old file then finds it
         # unlinked when it gets the lock and starts over on a new one, so two never both hold it.
@@ -226,15 +262,19 @@ def _scoring_settings(record: dict) -> tuple:
             json.dumps(record.get("patches"), sort_keys=True), record.get("fusion"))
 
 
-def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:
+def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:
     from tqdm import tqdm
 
-    settings = detector.resolve_settings(options.patches)
-    dataset = _DecodeDataset(todo, settings, options.max_pixels, align=8, thumbnails=heat_dir is not None)
+    detector = ensemble.conv
+    settings = detector.resolve_settings(options.patches) if detector else None
+    probes = [m for m in ensemble.members if m is not detector]
+    view_specs = [(p.backbone.config.input_size, p.config.views, p.config.view_mode) for p in probes]
+    dataset = _DecodeDataset(todo, settings, options.max_pixels, align=8,
+                             thumbnails=heat_dir is not None and detector is not None, view_specs=view_specs)
     workers = min(options.workers, len(todo))
     loader = DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        prefetch_factor=4 if workers else None, pin_memory=detector.device.type == "cuda",
+        prefetch_factor=4 if workers else None, pin_memory=ensemble.device.type == "cuda",
         persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
     )
     pending: dict[int, _Pending] = {}
@@ -269,7 +309,7 @@ def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, s
         nonlocal next_index
         while next_index in pending and pending[next_index].remaining == 0:
             p = pending.pop(next_index)
-            writer.write(_finish(p, detector, options, summary, heat_dir))
+            writer.write(_finish(p, ensemble, options, summary, heat_dir))
             bar.update(1)
             next_index += 1
 
@@ -279,32 +319,51 @@ def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, s
         for k, crop in enumerate(item["crops"]):
             queues.setdefault(tuple(crop.shape[:2]), []).append((index, k, crop))
         item["crops"] = None  # the queue holds them now
-        flush(all_shapes=len(pending) >= max_pending)
+        if detector is not None:
+            flush(all_shapes=len(pending) >= max_pending)
         emit()
-    flush(all_shapes=True)
+    if detector is not None:
+        flush(all_shapes=True)
     emit()
     bar.close()
 
 
-def _finish(p: _Pending, detector: Detector, options: ScanOptions, summary: ScanSummary, heat_dir) -> ImageResult:
+def _finish(p: _Pending, ensemble: Ensemble, options: ScanOptions, summary: ScanSummary, heat_dir) -> ImageResult:
     item = p.item
+    detector = ensemble.conv
+    n_scored = len(item["plan"]) if detector else sum(len(v) for v in item["views"])
     result = ImageResult(path=display_path(item["path"]), width=item["width"], height=item["height"],
-                         format=item["format"], n_patches=len(item["plan"]), seconds=p.seconds, error=item["error"])
+                         format=item["format"], n_patches=n_scored, seconds=p.seconds, error=item["error"])
     if item["error"]:
         summary.n_errors += 1
         return result
     try:
-        logit, canvas = combine_crops(item["plan"], p.maps, mode=options.patches.mode, rule=options.fusion,
-                                      stride=detector.stride, height=item["height"], width=item["width"])
-        result.logit = logit
-        result.probability = detector.probability(logit)
-        result.label = detector.label(logit)
-        if heat_dir is not None and item["thumbnail"] is not None:
-            write_heatmap(heat_dir, item["path"], item["thumbnail"], canvas)
+        t0 = time.perf_counter()
+        views = iter(item["views"])
+        logits = []
+        for member in ensemble.members:
+            if member is detector:
+                logit, canvas = combine_crops(item["plan"], p.maps, mode=options.patches.mode, rule=options.fusion,
+                                              stride=detector.stride, height=item["height"], width=item["width"])
+                if heat_dir is not None and item["thumbnail"] is not None:
+                    write_heatmap(heat_dir, item["path"], item["thumbnail"], canvas)
+            else:
+                logit = member.score_views(next(views).numpy())
+            logits.append(logit)
+        result.seconds += time.perf_counter() - t0
+        if len(logits) == 1:
+            member = ensemble.members[0]
+            result.logit, result.probability, result.label = logits[0], member.probability(logits[0]), member.label(logits[0])
+        else:
+            margin = ensemble.fused_margin(logits)
+            result.logit, result.probability = margin, float(sigmoid(np.array([margin]))[0])
+            result.label = "fake" if result.probability >= 0.5 else "real"
+            result.models = {n: (z, m.probability(z)) for n, m, z in zip(ensemble.names, ensemble.members, logits)}
     except Exception as err:  # noqa: BLE001 - one image's failure must not stop the scan
         result.error = f"unexpected {type(err).__name__}: {err}"
         result.logit = result.probability = None
         result.label = ""
+        result.models = {}
         summary.n_errors += 1
         return result
     if result.label == "fake":
@@ -316,7 +375,7 @@ def _finish(p: _Pending, detector: Detector, options: ScanOptions, summary: Scan
 
 def scan(
     inputs: Sequence[str | os.PathLike],
-    detector: Detector,
+    detector: "Detector | Ensemble",
     output: str | os.PathLike = "results.csv",
     options: ScanOptions = ScanOptions(),
     *,
@@ -352,23 +411,28 @@ def merge_shards(output: str | os.PathLike, world_size: int) -> int:
     The parts stay on disk, so each rank can ``--resume`` its own part and the merge be redone.
     """
     from .checkpoints import atomic_write
-    from .results import RESULT_COLUMNS
+    from .results import result_columns
 
     output = Path(output)
+    model_names: list[str] = []
     rows: list[dict[str, str]] = []
     records = []
     for r in range(world_size):
         part = shard_path(output, r, world_size)
         if not part.exists():
             raise FileNotFoundError(f"rank {r}'s part {part} is missing; rerun that rank with --resume")
-        rows.extend(repair_and_read(part))
+        part_rows = repair_and_read(part)
+        rows.extend(part_rows)
         records.append(read_run_record(part) or {})
+        if part_rows:  # per-model columns come in pairs after the common ones
+            model_names = [c[len("logit_"):] for c in part_rows[0] if c.startswith("logit_")]
 
     def write(tmp: str) -> None:
         os.unlink(tmp)  # ResultWriter writes the header only into a new file
-        with ResultWriter(tmp) as writer:
+        with ResultWriter(tmp, model_names) as writer:
+            columns = result_columns(model_names)
             for row in rows:
-                writer.write_row([row[c] for c in RESULT_COLUMNS])
+                writer.write_row([row[c] for c in columns])
 
     atomic_write(output, write)
     merged = {**records[0], "merged_from": [str(shard_path(output, r, world_size)) for r in range(world_size)]}

@@ -75,7 +75,10 @@ def test_calibration_is_read_back_by_scan(tmp_path, fixture_dir):
     assert cal["temperature"] != 1.0  # really fitted
     z = cal["threshold"] + 0.3
     assert det.label(z) == "fake" and det.label(cal["threshold"] - 0.3) == "real"
-    assert det.probability(z) == pytest.approx(1 / (1 + np.exp(-z / cal["temperature"])))
+    # one meaning for a verdict: the probability is 0.5 at the threshold and "fake" means p >= 0.5
+    assert det.probability(z) == pytest.approx(1 / (1 + np.exp(-0.3 / cal["temperature"])))
+    assert det.probability(cal["threshold"]) == pytest.approx(0.5)
+    assert cal["rule"] == "platt"
 
 
 @pytest.mark.timeout(600)

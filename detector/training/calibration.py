@@ -1,21 +1,27 @@
-"""Post-hoc calibration fitted on validation scores: a temperature and a decision threshold.
+"""Post-hoc calibration fitted on validation scores: one meaning for a probability and a verdict.
 
-Temperature scaling (Guo et al. 2017) divides logits by ``T`` chosen to minimise the negative
-log-likelihood; it changes probabilities, never the ranking. The threshold is the equal-error
-point, or the lowest threshold whose false-alarm rate on validation reals is at most
-``target_far``. Both are stored in the checkpoint and used by ``scan`` and ``evaluate``.
+Platt scaling (Platt 1999): ``p = sigmoid(a * logit + b)`` with ``a > 0`` and ``b`` minimising
+the validation log loss. It is stored as a temperature ``T = 1 / a`` and a threshold
+``t = -b / a``, so that ``p = sigmoid((logit - t) / T)`` and an image is called generated exactly
+when ``p >= 0.5``, i.e. when its logit reaches ``t``. With ``target_far`` the threshold is instead
+the lowest logit whose false-alarm rate on validation reals is at most ``target_far``, and only
+the temperature is fitted, around that threshold. It changes probabilities, never the ranking.
+Both are stored in the checkpoint (with the scoring settings they were fitted for) and used by
+``scan`` and ``evaluate``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 
 from ..metrics import equal_error_rate, logloss, sigmoid, threshold_at_far
 
-__all__ = ["Calibration", "fit_calibration", "fit_temperature"]
+__all__ = ["Calibration", "fit_calibration", "fit_platt", "fit_temperature"]
+
+_LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
 
 
 @dataclass(frozen=True)
@@ -25,32 +31,63 @@ class Calibration:
     rule: str = "none"
     n_real: int = 0
     n_fake: int = 0
+    settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
-    """The ``T`` in [0.05, 100] minimising the log loss of ``sigmoid(logits / T)``."""
-    y = np.asarray(labels)
-    s = np.asarray(logits, dtype=np.float64)
+def _both(y: np.ndarray) -> None:
     if y.min() == y.max():
-        raise ValueError("temperature fitting needs both real and generated images")
+        raise ValueError("calibration needs both real and generated images")
 
-    def nll(log_t: float) -> float:
-        return logloss(y, sigmoid(s, float(np.exp(log_t))))
 
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(100.0)), method="bounded")
+def fit_temperature(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.0) -> float:
+    """The ``T`` in [0.01, 100] minimising the log loss of ``sigmoid((logits - threshold) / T)``."""
+    y = np.asarray(labels)
+    s = np.asarray(logits, dtype=np.float64) - threshold
+    _both(y)
+    res = minimize_scalar(lambda log_t: logloss(y, sigmoid(s, float(np.exp(log_t)))), bounds=_LOG_T_BOUNDS,
+                          method="bounded")
     return float(np.exp(res.x))
 
 
-def fit_calibration(labels: np.ndarray, logits: np.ndarray, *, target_far: float | None = None) -> Calibration:
-    """Temperature plus threshold (EER point, or at ``target_far``) from validation scores."""
+def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """``(temperature, threshold)`` of the Platt fit ``sigmoid(a * logit + b)`` with ``a > 0``.
+
+    A score that ranks reals above fakes on validation (``a`` would be negative) gets the largest
+    temperature and the equal-error threshold: probabilities near 0.5, as uninformative as it is.
+    """
+    y = np.asarray(labels).astype(float)
+    s = np.asarray(logits, dtype=np.float64)
+    _both(y)
+    centre, spread = float(np.mean(s)), float(np.std(s)) or 1.0
+    u = (s - centre) / spread  # fit in standardised units, then map back
+
+    def nll(params: np.ndarray) -> float:
+        return logloss(y, sigmoid(np.exp(params[0]) * u + params[1]))
+
+    res = minimize(nll, x0=np.array([0.0, 0.0]), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+    if res.x[0] < np.log(1e-3):  # no usable slope: the score does not separate the classes this way
+        return float(np.exp(_LOG_T_BOUNDS[1])), float(equal_error_rate(y.astype(int), s)[1])
+    a, b = float(np.exp(res.x[0])) / spread, float(res.x[1])
+    temperature = float(np.clip(1.0 / a, np.exp(_LOG_T_BOUNDS[0]), np.exp(_LOG_T_BOUNDS[1])))
+    return temperature, centre - b / a
+
+
+def fit_calibration(labels: np.ndarray, logits: np.ndarray, *, target_far: float | None = None,
+                    settings: dict | None = None) -> Calibration:
+    """Temperature and threshold from validation scores (Platt, or a threshold at ``target_far``).
+
+    ``settings`` records how the scores were computed (cropping, views, JPEG alignment), so that a
+    scan with other settings can say its probabilities are uncalibrated.
+    """
     y = np.asarray(labels).astype(int)
     s = np.asarray(logits, dtype=np.float64)
-    temperature = fit_temperature(y, s)
     if target_far is None:
-        threshold, rule = equal_error_rate(y, s)[1], "eer"
+        temperature, threshold = fit_platt(y, s)
+        rule = "platt"
     else:
-        threshold, rule = threshold_at_far(y, s, target_far), f"far<={target_far:g}"
-    return Calibration(temperature, float(threshold), rule, int((y == 0).sum()), int((y == 1).sum()))
+        threshold = float(threshold_at_far(y, s, target_far))
+        temperature, rule = fit_temperature(y, s, threshold), f"far<={target_far:g}"
+    return Calibration(temperature, threshold, rule, int((y == 0).sum()), int((y == 1).sum()), dict(settings or {}))

