@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .checkpoints import CheckpointInfo, load_model
 from .fusion import combine_crops
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from .metrics import sigmoid
 from .patches import PatchSettings
 
 __all__ = ["PRECISIONS", "Detector", "Prediction", "keep_freed_memory", "resolve_device", "resolve_precision"]
@@ -214,8 +215,7 @@ class Detector:
 
     def probability(self, logit: float) -> float:
         """Calibrated probability that the image is generated: ``sigmoid(logit / temperature)``."""
-        z = logit / self.temperature
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return float(sigmoid(logit, self.temperature))
 
     def label(self, logit: float) -> str:
         return "fake" if logit >= self.threshold else "real"

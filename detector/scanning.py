@@ -13,28 +13,25 @@ parts into the output once every part is complete (:func:`merge_shards`).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
-from torch.utils.data import DataLoader, Dataset
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
 from .inference import Detector
 from .fusion import FUSION_RULES, combine_crops
 from .patches import PatchSettings
+from .workers import in_workers
 from .results import (
     ImageResult,
     ResultWriter,
@@ -86,17 +83,14 @@ class ScanSummary:
                 f"{self.n_errors} errors in {self.seconds:.1f} s -> {self.output}")
 
 
-class _DecodeDataset(Dataset):
-    """Decodes an image and cuts its crops (in a worker process)."""
+class _Decoder:
+    """Decodes an image and cuts its crops (called in a worker process with the image's index)."""
 
     def __init__(self, paths: Sequence[Path], settings: PatchSettings, max_pixels: int, align: int, thumbnails: bool):
         self.paths, self.settings, self.max_pixels = list(paths), settings, max_pixels
         self.align, self.thumbnails = align, thumbnails
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
+    def __call__(self, index: int) -> dict:
         t0 = time.perf_counter()
         item = {"index": index, "path": self.paths[index], "error": "", "crops": [], "plan": [],
                 "width": None, "height": None, "format": "", "thumbnail": None}
@@ -117,24 +111,6 @@ class _DecodeDataset(Dataset):
             item["error"] = f"unexpected {type(err).__name__}: {err}"
         item["seconds"] = time.perf_counter() - t0
         return item
-
-
-def _identity(item: dict) -> dict:
-    return item
-
-
-def _die_with_parent(parent: int, worker_id: int) -> None:
-    """Make a decoding worker exit when the scan dies, even by SIGKILL (Linux).
-
-    A killed scan's workers otherwise block forever on their full result pipe, holding memory.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # died before prctl took effect
-        os._exit(1)
 
 
 @dataclass
@@ -230,13 +206,9 @@ def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, s
     from tqdm import tqdm
 
     settings = detector.resolve_settings(options.patches)
-    dataset = _DecodeDataset(todo, settings, options.max_pixels, align=8, thumbnails=heat_dir is not None)
-    workers = min(options.workers, len(todo))
-    loader = DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        prefetch_factor=4 if workers else None, pin_memory=detector.device.type == "cuda",
-        persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
-    )
+    decoder = _Decoder(todo, settings, options.max_pixels, align=8, thumbnails=heat_dir is not None)
+    loader = in_workers(decoder, range(len(todo)), options.workers, prefetch=4,
+                        pin_memory=detector.device.type == "cuda")
     pending: dict[int, _Pending] = {}
     queues: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
     next_index = 0

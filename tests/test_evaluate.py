@@ -347,7 +347,7 @@ def test_perturbations_parse_and_are_seeded_per_content():
     for bad in ("jpeg:101", "resize:0", "crop:3", "sharpen:1", "jpeg", "blur:x"):
         with pytest.raises(ValueError):
             parse_perturbations([bad])
-    from detector.evaluation import _condition_rng
+    from detector.evaluation.conditions import condition_rng as _condition_rng
 
     px = noise_image(64, 64)
     crop = Perturbation("crop", 16)
