@@ -30,7 +30,7 @@ def main() -> None:
 
 def _load_detector(weights: str | None, architecture: str | None, device: str, precision: str):
     from .checkpoints import CheckpointError
-    from .inference import Detector
+    from .inference import Detector, tune_process
 
     path = Path(weights) if weights else DEFAULT_WEIGHTS
     if not path.exists():
@@ -39,6 +39,7 @@ def _load_detector(weights: str | None, architecture: str | None, device: str, p
         detector = Detector.from_checkpoint(path, device=device, precision=precision, architecture=architecture)
     except (CheckpointError, ValueError) as err:
         _fail(str(err))
+    tune_process(detector.device)  # the CLI owns its process; the library leaves process-wide settings alone
     if detector.info.is_placeholder:
         click.secho(f"WARNING: {path.name} is a placeholder checkpoint: its scores mean nothing yet.", fg="yellow", err=True)
     return detector

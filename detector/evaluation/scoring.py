@@ -17,9 +17,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from ..images import DECODED_FORMATS, ImageError, decode_image, jpeg_quality
+from ..images import ImageError, decode_image, jpeg_quality, open_image
 from ..inference import Detector
 from ..workers import in_workers
 from .cache import ScoreCache, settings_key
@@ -39,7 +38,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
     try:
         data = Path(path).read_bytes()
         out.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-        with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as img:  # only the formats decode_image reads
+        with open_image(io.BytesIO(data), str(path)) as img:  # only the formats decode_image reads
             out.update(format=img.format or "", width=img.width, height=img.height)
             quality = jpeg_quality(img) if out["format"] in ("JPEG", "MPO") else None
         out["jpeg_quality"] = np.nan if quality is None else quality
