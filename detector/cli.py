@@ -317,7 +317,7 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
     """
     import pandas as pd
 
-    from .datasets import is_scan_output, read_labelled
+    from .datasets import class_counts, is_scan_output, read_labelled
     from .evaluation import EvalOptions, evaluate_scan_outputs, parse_perturbations, summary_table
     from .evaluation import evaluate as run
     from .images import InputError
@@ -332,11 +332,14 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
         if any(scans):
             if not all(scans) or not labels or weights:
                 _fail("scan outputs are evaluated alone, with --labels and without --weights")
-            result = evaluate_scan_outputs(data, read_labelled(labels), output_dir, options)
+            label_table = read_labelled(labels)
+            click.echo(f"labels read: {class_counts(label_table)}", err=True)
+            result = evaluate_scan_outputs(data, label_table, output_dir, options)
         else:
             if labels:
                 _fail("--labels is for `detector scan` output CSVs; DATA here carries its own labels")
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
+            click.echo(f"read {class_counts(table)}", err=True)
             detectors = [_load_detector(w, architecture, device, precision) for w in (weights or [None])]
             result = run(table, detectors, output_dir, options, inputs=[str(d) for d in data])
     except (InputError, ValueError, FileExistsError, RuntimeError) as err:
