@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pickle
 import tempfile
@@ -81,8 +80,9 @@ class CheckpointInfo:
     def probability(self, logit: float) -> float:
         """Calibrated probability of "generated": ``sigmoid(margin)``, so it is at least 0.5 exactly
         when the logit reaches the threshold."""
-        z = self.margin(logit)
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        from .metrics import sigmoid
+
+        return float(sigmoid(self.margin(logit)))
 
     @property
     def is_placeholder(self) -> bool:

@@ -41,7 +41,7 @@ def _warn(message: str) -> None:
 def _load_one(path: Path, architecture: str | None, device: str, precision: str):
     from .backbones import BackboneError
     from .checkpoints import CheckpointError
-    from .inference import load_detector
+    from .inference import load_detector, tune_process
 
     if not path.exists():
         _fail(f"weights not found: {path}")
@@ -49,6 +49,7 @@ def _load_one(path: Path, architecture: str | None, device: str, precision: str)
         detector = load_detector(path, device=device, precision=precision, architecture=architecture)
     except (CheckpointError, BackboneError, ValueError) as err:
         _fail(str(err))
+    tune_process(detector.device)  # the CLI owns its process; the library leaves process-wide settings alone
     if detector.info.is_placeholder:
         _warn(f"{path.name} is a placeholder checkpoint: its scores mean nothing yet.")
     return detector
@@ -384,7 +385,7 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
     """
     import pandas as pd
 
-    from .datasets import is_scan_output, read_labelled
+    from .datasets import class_counts, is_scan_output, read_labelled
     from .evaluation import EvalOptions, evaluate_scan_outputs, parse_perturbations, summary_table
     from .evaluation import evaluate as run
     from .images import InputError
@@ -399,11 +400,14 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
         if any(scans):
             if not all(scans) or not labels or weights:
                 _fail("scan outputs are evaluated alone, with --labels and without --weights")
-            result = evaluate_scan_outputs(data, read_labelled(labels), output_dir, options)
+            label_table = read_labelled(labels)
+            click.echo(f"labels read: {class_counts(label_table)}", err=True)
+            result = evaluate_scan_outputs(data, label_table, output_dir, options)
         else:
             if labels:
                 _fail("--labels is for `detector scan` output CSVs; DATA here carries its own labels")
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
+            click.echo(f"read {class_counts(table)}", err=True)
             detectors, names, rule = _load_models(weights, architecture, device, precision, fusion_models)
             options = dataclasses.replace(options, model_fusion=rule)
             result = run(table, detectors, output_dir, options, names=names, inputs=[str(d) for d in data])

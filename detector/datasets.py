@@ -9,8 +9,10 @@ Layouts:
 * **manifest CSV**: ``path,label[,generator][,family][,source]``; label ``0/1`` or ``real/fake``;
   relative paths are relative to the CSV's folder.
 * **CNNDetection** (Wang et al. 2020): ``root/<generator>/[<class>/]0_real|1_fake/``.
-* **Corvi et al. 2023**: one folder per source under ``root``; a folder whose name contains
-  ``real`` holds real photos, every other folder is a generator.
+* **Corvi et al. 2023**: one folder per source under ``root``; a folder named ``real``, ``reals``,
+  ``0_real`` or ``real_*`` (any case) holds real photos, every other folder is a generator. Any
+  other name containing "real" (``unreal_engine``, ``RealVisXL``) is refused: it could be either,
+  and a wrong guess would flip a whole generator's labels; such data needs a manifest.
 * **a ``detector scan`` output plus labels**: the scan's CSV gives the scores, any of the layouts
   above gives the labels (:func:`read_scan_output`), so a scan can be evaluated without scoring
   again.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -30,9 +33,11 @@ from .images import InputError, find_images
 from .results import RESULT_COLUMNS
 
 __all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_corvi", "read_scan_output",
-           "is_scan_output", "split_by_source"]
+           "is_scan_output", "split_by_source", "folder_label", "class_counts"]
 
 COLUMNS = ["path", "label", "generator", "family", "source"]
+# Folder names that mark real photos in the Corvi layout: real, reals, 0_real, real_<source>.
+_REAL_FOLDER = re.compile(r"(0_)?reals?|real_.+", re.IGNORECASE)
 _LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1, "generated": 1, "synthetic": 1, "0_real": 0, "1_fake": 1}
 
 
@@ -96,12 +101,27 @@ def read_cnndetection(root: str | os.PathLike) -> pd.DataFrame:
     return _finish(pd.DataFrame(rows))
 
 
+def folder_label(folder: str | os.PathLike) -> int:
+    """0 for a folder whose name marks real photos (``real``, ``reals``, ``0_real``, ``real_*``), 1 otherwise.
+
+    Raises :class:`InputError` for any other name containing "real", which could name either class.
+    """
+    name = Path(folder).name
+    if _REAL_FOLDER.fullmatch(name):
+        return 0
+    if "real" in name.lower():
+        raise InputError(f"{folder}: the folder name {name!r} contains 'real' but is not one of the names that mark "
+                         f"real photos (real, reals, 0_real, real_<source>); rename it, or list the images in a "
+                         f"manifest CSV (path,label[,generator]) to say which class it holds")
+    return 1
+
+
 def read_corvi(root: str | os.PathLike) -> pd.DataFrame:
-    """One folder per source: names containing ``real`` are real photos, the rest generators."""
+    """One folder per source: real photos in folders named as :func:`folder_label` says, the rest generators."""
     root = Path(root)
     rows = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        label = 0 if "real" in sub.name.lower() else 1
+        label = folder_label(sub)
         for path in find_images([sub]):
             rows.append({"path": str(path), "label": label, "generator": sub.name, "family": None, "source": sub.name})
     if not rows:
@@ -178,6 +198,14 @@ def read_scan_output(results_csv: str | os.PathLike, labels: pd.DataFrame) -> pd
     df["height"] = [int(r.height) if r.height else np.nan for _, r in matched]
     df["error"] = [r.error for _, r in matched]
     return df
+
+
+def class_counts(df: pd.DataFrame) -> str:
+    """What a labelled table holds, one line: reals, fakes, then the images per generator."""
+    real = int((df["label"] == 0).sum())
+    per_generator = df.loc[df["label"] == 1, "generator"].value_counts().sort_index()
+    parts = ", ".join(f"{g} {n}" for g, n in per_generator.items())
+    return f"{real} real, {len(df) - real} fake" + (f" ({parts})" if parts else "")
 
 
 def split_by_source(

@@ -13,12 +13,13 @@ import math
 import glob
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 try:  # HEIC/HEIF (phone photos); optional at run time, installed by default
     from pillow_heif import register_heif_opener
@@ -39,6 +40,7 @@ __all__ = [
     "find_images",
     "jpeg_quality",
     "gaussian_blur",
+    "open_image",
     "read_jpeg_quality",
     "reencode_jpeg",
 ]
@@ -53,11 +55,33 @@ DEFAULT_MAX_PIXELS = 1 << 28
 # untrusted files (EPS runs Ghostscript): only the formats that IMAGE_EXTENSIONS name are opened.
 DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "DIB", "GIF") + (("HEIF",) if HEIF_SUPPORTED else ())
 
-# Truncated files are errors, never silently grey-filled images.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Pillow's own bomb check (a warning at 89 MP) is replaced by decode_image's max_pixels, which the
-# caller sets; the size is checked from the header before any pixel is decoded.
-Image.MAX_IMAGE_PIXELS = None
+
+
+def open_image(fp: IO[bytes], name: str = "") -> Image.Image:
+    """Open an image from a binary file object, reading its header only, or raise ``UnidentifiedImageError``.
+
+    Like ``Image.open(fp, formats=DECODED_FORMATS)``, but without Pillow's size guard, which
+    reads the process-wide ``Image.MAX_IMAGE_PIXELS``: this package checks its own per-call
+    ``max_pixels`` from the header instead (:func:`decode_image`), and leaves Pillow's setting,
+    which protects the host's other code, as it was. The caller closes ``fp``.
+    """
+    Image.preinit()
+    prefix = fp.read(16)
+    for fmt in DECODED_FORMATS:
+        if fmt not in Image.OPEN:
+            Image.init()
+        if fmt not in Image.OPEN:
+            continue
+        factory, accept = Image.OPEN[fmt]
+        try:
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):  # a string is Pillow's reason for refusing
+                continue
+            fp.seek(0)
+            return factory(fp, name)
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+            continue
+    raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}")
 
 
 class ImageError(Exception):
@@ -192,7 +216,7 @@ def jpeg_quality(img: Image.Image) -> int | None:
 def read_jpeg_quality(path: str | os.PathLike) -> int | None:
     """Estimated quality of a JPEG file from its header, or None (not JPEG, unreadable)."""
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as fp, open_image(fp, str(path)) as img:
             return jpeg_quality(img) if img.format in ("JPEG", "MPO") else None
     except (OSError, SyntaxError, ValueError):
         return None
@@ -211,7 +235,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
             raise ImageError("is a directory")
         if not stat.S_ISREG(kind):  # reading a FIFO would block forever, a device never end
             raise ImageError("not a regular file (a pipe, socket or device)")
-        with Image.open(path, formats=DECODED_FORMATS) as img:
+        with open(path, "rb") as fp, open_image(fp, str(path)) as img:
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageError(f"empty image ({w}x{h})")
@@ -231,6 +255,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise ImageError("permission denied") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image file (unrecognised or unsupported format)") from None
+    except Image.DecompressionBombError as err:  # a GIF frame or crop beyond Pillow's own process-wide limit
+        raise ImageError(f"too large for Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS): {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError, KeyError) as err:
         # strerror leaves out the file name, which can be kilobytes long and is in the row already
         lines = [line for line in str(err).splitlines() if line.strip()]

@@ -23,9 +23,11 @@ from torch import Tensor, nn
 from .checkpoints import CheckpointInfo, load_model
 from .fusion import combine_crops
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from .metrics import sigmoid
 from .patches import PatchSettings
 
-__all__ = ["PRECISIONS", "Detector", "Prediction", "keep_freed_memory", "resolve_device", "resolve_precision"]
+__all__ = ["PRECISIONS", "Detector", "Prediction", "keep_freed_memory", "resolve_device", "resolve_precision",
+           "tune_process"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -120,6 +122,20 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def tune_process(device: torch.device) -> None:
+    """Opt this process into the tunings a long scan wants: :func:`keep_freed_memory` on the CPU,
+    ``cudnn.benchmark`` on CUDA.
+
+    Both are process-wide, so the library never applies them by itself (a host application's other
+    code, or training under ``use_deterministic_algorithms``, would inherit them); the command line
+    calls this once, before scoring.
+    """
+    if device.type == "cpu":
+        keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 # Input pixels per forward pass. The nodown ResNet-50 keeps ~1 KB of fp32 activations per input
 # pixel alive at its widest point, so this bounds memory for large crops (full-mode tiles). On the
 # CPU, small batches are also faster: on 2 cores at 256 px in bf16, 0.22 s per image in batches of
@@ -171,10 +187,6 @@ class Detector:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
         self._mean, self._std = input_scale(self.config, self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
 
     @classmethod
     def from_checkpoint(
@@ -214,9 +226,7 @@ class Detector:
 
     def probability(self, logit: float) -> float:
         """Calibrated probability that the image is generated (see :meth:`CheckpointInfo.probability`)."""
-        if self.info is None:
-            return 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1.0 + math.exp(logit))
-        return self.info.probability(logit)
+        return self.info.probability(logit) if self.info else float(sigmoid(logit))
 
     def label(self, logit: float) -> str:
         """``fake`` exactly when the calibrated probability is at least 0.5."""

@@ -66,7 +66,8 @@ def full_plan(height: int, width: int, *, tile_size: int = 512, margin: int = 64
 
     ``tile_size`` bounds the core of each tile (rounded up to ``align``); each tile adds up to
     ``margin`` px of context on each side (rounded up to ``align``), so a tile is at most
-    ``tile_size + 2 * margin`` px a side and memory stays bounded whatever the image size.
+    ``tile_size + 2 * margin + align - 1`` px a side and memory stays bounded whatever the image
+    size. All tiles of an image share one shape.
     """
     if tile_size <= 0 or margin < 0:
         raise ValueError(f"tile_size must be positive and margin non-negative, got {tile_size}, {margin}")
@@ -90,14 +91,19 @@ def _window(core_start: int, core_end: int, length: int, side: int, margin: int,
     """A crop of ``side`` px around a core, shifted inwards at the image's edges.
 
     Every tile of an image gets the same shape (when the image is at least ``side`` long): edge
-    tiles take their context from the inner side instead of shrinking. Same shapes batch together
+    tiles take their context from the inner side instead of shrinking. When ``length - side`` is
+    not a multiple of ``align``, every tile is up to ``align - 1`` px longer than ``side``. Same shapes batch together
     and reuse the same activation buffers, which keeps memory from fragmenting on huge images;
     extra context never changes the kept cells.
     """
     if length <= side:
         return 0, length
-    start = min(max(0, core_start - margin), (length - side) // align * align)
-    return start, max(start + side, min(length, core_end + margin))
+    # The last tile must end at the image's end from an aligned start: it is ``side`` plus the
+    # remainder of ``length - side`` modulo ``align``, and every other tile takes that length too.
+    last = (length - side) // align * align
+    side += (length - side) - last
+    start = min(max(0, core_start - margin), last)
+    return start, start + side
 
 
 def patch_plan(

@@ -26,6 +26,7 @@ from torch import nn
 
 from .backbones import Backbone, BackboneConfig, BackboneError, create_backbone
 from .checkpoints import CheckpointError, CheckpointInfo, file_sha256, read_state_dict
+from .metrics import sigmoid
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from .patches import VIEW_MODES, PatchSettings, encoder_views
 
@@ -155,7 +156,7 @@ class ProbeDetector:
         return self.info.threshold if self.info else 0.0
 
     def probability(self, logit: float) -> float:
-        return self.info.probability(logit) if self.info else float(1 / (1 + np.exp(-logit)))
+        return self.info.probability(logit) if self.info else float(sigmoid(logit))
 
     def label(self, logit: float) -> str:
         return "fake" if self.probability(logit) >= 0.5 else "real"

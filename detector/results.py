@@ -14,16 +14,19 @@ import io
 import json
 import math
 import os
+import platform
 import re
 from dataclasses import dataclass, field, fields
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoints import atomic_write
+from .metrics import sigmoid
 
-__all__ = ["RESULT_COLUMNS", "ImageResult", "result_columns", "ResultWriter", "display_path", "repair_and_read", "write_heatmap",
-           "write_run_record", "read_run_record", "heatmap_name"]
+__all__ = ["RESULT_COLUMNS", "ImageResult", "result_columns", "ResultWriter", "display_path", "repair_and_read",
+           "write_heatmap", "write_run_record", "read_run_record", "heatmap_name", "software_versions"]
 
 
 @dataclass
@@ -150,6 +153,21 @@ class ResultWriter:
         self.close()
 
 
+_RECORDED_DISTRIBUTIONS = ("detector", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "pillow",
+                           "pillow-heif", "safetensors", "timm", "matplotlib")
+
+
+def software_versions() -> dict:
+    """Python, platform and the installed versions of the packages a result depends on (for run records)."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in _RECORDED_DISTRIBUTIONS:
+        try:
+            out[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def run_record_path(output: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(output)}.json")
 
@@ -189,7 +207,7 @@ def write_heatmap(
 
     h, w = thumbnail.shape[:2]
     finite = np.nan_to_num(logit_map, nan=0.0)
-    prob = 1.0 / (1.0 + np.exp(-np.clip(finite, -30, 30)))
+    prob = sigmoid(finite)
     heat = Image.fromarray((prob * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)
     p = np.asarray(heat, dtype=np.float32)[:, :, None] / 255.0
     colour = np.concatenate([p, np.zeros_like(p), 1.0 - p], axis=2) * 255.0

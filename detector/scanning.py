@@ -13,30 +13,27 @@ parts into the output once every part is complete (:func:`merge_shards`).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
-from torch.utils.data import DataLoader, Dataset
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
 from .metrics import sigmoid
 from .fusion import FUSION_RULES, combine_crops
 from .inference import Detector, Ensemble
 from .patches import PatchSettings, encoder_views
+from .workers import in_workers
 from .results import (
     ImageResult,
     ResultWriter,
@@ -88,8 +85,8 @@ class ScanSummary:
                 f"{self.n_errors} errors in {self.seconds:.1f} s -> {self.output}")
 
 
-class _DecodeDataset(Dataset):
-    """Decodes an image and cuts its crops and the probes' views (in a worker process).
+class _Decoder:
+    """Decodes an image and cuts its crops and the probes' views (called in a worker with its index).
 
     ``settings`` is None when no convolutional model scores crops; ``view_specs`` holds one
     ``(size, n, mode)`` per probe (see :func:`detector.patches.encoder_views`).
@@ -100,10 +97,7 @@ class _DecodeDataset(Dataset):
         self.paths, self.settings, self.max_pixels = list(paths), settings, max_pixels
         self.align, self.thumbnails, self.view_specs = align, thumbnails, list(view_specs)
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
+    def __call__(self, index: int) -> dict:
         t0 = time.perf_counter()
         item = {"index": index, "path": self.paths[index], "error": "", "crops": [], "plan": [], "views": [],
                 "width": None, "height": None, "format": "", "thumbnail": None}
@@ -126,24 +120,6 @@ class _DecodeDataset(Dataset):
             item["error"] = f"unexpected {type(err).__name__}: {err}"
         item["seconds"] = time.perf_counter() - t0
         return item
-
-
-def _identity(item: dict) -> dict:
-    return item
-
-
-def _die_with_parent(parent: int, worker_id: int) -> None:
-    """Make a decoding worker exit when the scan dies, even by SIGKILL (Linux).
-
-    A killed scan's workers otherwise block forever on their full result pipe, holding memory.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # died before prctl took effect
-        os._exit(1)
 
 
 @dataclass
@@ -269,14 +245,10 @@ def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, s
     settings = detector.resolve_settings(options.patches) if detector else None
     probes = [m for m in ensemble.members if m is not detector]
     view_specs = [(p.backbone.config.input_size, p.config.views, p.config.view_mode) for p in probes]
-    dataset = _DecodeDataset(todo, settings, options.max_pixels, align=8,
-                             thumbnails=heat_dir is not None and detector is not None, view_specs=view_specs)
-    workers = min(options.workers, len(todo))
-    loader = DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        prefetch_factor=4 if workers else None, pin_memory=ensemble.device.type == "cuda",
-        persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
-    )
+    decoder = _Decoder(todo, settings, options.max_pixels, align=8,
+                       thumbnails=heat_dir is not None and detector is not None, view_specs=view_specs)
+    loader = in_workers(decoder, range(len(todo)), options.workers, prefetch=4,
+                        pin_memory=ensemble.device.type == "cuda")
     pending: dict[int, _Pending] = {}
     queues: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
     next_index = 0
@@ -356,7 +328,7 @@ def _finish(p: _Pending, ensemble: Ensemble, options: ScanOptions, summary: Scan
             result.logit, result.probability, result.label = logits[0], member.probability(logits[0]), member.label(logits[0])
         else:
             margin = ensemble.fused_margin(logits)
-            result.logit, result.probability = margin, float(sigmoid(np.array([margin]))[0])
+            result.logit, result.probability = margin, float(sigmoid(margin))
             result.label = "fake" if result.probability >= 0.5 else "real"
             result.models = {n: (z, m.probability(z)) for n, m, z in zip(ensemble.names, ensemble.members, logits)}
     except Exception as err:  # noqa: BLE001 - one image's failure must not stop the scan

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from detector import models
 from detector.checkpoints import save_checkpoint
 from detector.models import create_model
 
@@ -61,3 +62,52 @@ def fixture_dir() -> Path:
 
 def noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+TINY = "tiny-test-nodown"
+
+
+class TinyNoDown(torch.nn.Module):
+    """A fully convolutional stand-in for the detector (output stride 8, receptive field 71 px, zero
+    padding like the ResNets) that scores a 400 px image in milliseconds: tiling and full-mode scans
+    are tested on it, since their exactness depends only on the receptive field and the stride."""
+
+    output_stride = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        convs = [torch.nn.Conv2d(3, 8, 3, padding=1)]
+        convs += [torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)]
+        convs += [torch.nn.Conv2d(8, 8, 3, stride=2, padding=1) for _ in range(3)]
+        convs += [torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)]
+        self.convs = torch.nn.ModuleList(convs)
+        self.head = torch.nn.Conv2d(8, 1, 1)
+        for conv in [*self.convs, self.head]:  # keeps the signal's scale through ten layers
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(conv.bias)
+
+    @property
+    def receptive_field(self) -> int:
+        rf, jump = 1, 1
+        for conv in self.convs:
+            rf, jump = rf + (conv.kernel_size[0] - 1) * jump, jump * conv.stride[0]
+        return rf
+
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logit_map(x).mean(dim=(2, 3))[:, 0]
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, monkeypatch) -> Path:
+    """:class:`TinyNoDown` registered as ``tiny-test-nodown`` for this test only, with seeded weights, saved."""
+    monkeypatch.setitem(models._REGISTRY, TINY, TinyNoDown)
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(path, model, {"note": "tiny seeded test weights"}, dtype=None)
+    return path

@@ -48,6 +48,16 @@ def test_scan_cli_writes_csv(tmp_path, checkpoint):
     assert result.exit_code == 0, result.output
     assert "1 fake" in result.output or "1 real" in result.output
     assert "1 errors" in result.output
+    import pandas as pd
+
+    from detector.inference import Detector
+    from detector.patches import PatchSettings
+
+    rows = pd.read_csv(out, keep_default_na=False).set_index("path")
+    good, bad = rows.loc[str(tmp_path / "in" / "a.png")], rows.loc[str(tmp_path / "in" / "b.jpg")]
+    expected = Detector.from_checkpoint(checkpoint, device="cpu").predict(noise_image(64, 64), PatchSettings(patch_size=64))
+    assert abs(float(good["logit"]) - expected.logit) < 0.05 and good["label"] == expected.label
+    assert bad["logit"] == "" and bad["error"] != ""
 
 
 def test_info_shows_calibration(checkpoint):

@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from detector import metrics as M
 from detector.checkpoints import file_sha256, save_checkpoint
 from detector.cli import main
-from detector.datasets import read_corvi, read_labelled, read_scan_output
+from detector.datasets import folder_label, read_corvi, read_labelled, read_scan_output
 from detector.evaluation import (
     OUTPUT_FILES,
     EvalOptions,
@@ -121,11 +121,23 @@ def test_cnndetection_layout(tmp_path):
 
 def test_corvi_layout(tmp_path):
     img = noise_image(8, 8)
-    for rel in ("real_coco/1.png", "imagenet_real/2.png", "sdxl/3.png", "dalle3/4.png"):
+    for rel in ("real_coco/1.png", "Reals/2.png", "REAL/6.png", "sdxl/3.png", "dalle3/4.png"):
         _save(tmp_path / rel, img)
     df = read_labelled(tmp_path)
     got = {Path(p).name: (lab, gen) for p, lab, gen in zip(df["path"], df["label"], df["generator"])}
-    assert got == {"1.png": (0, "real"), "2.png": (0, "real"), "3.png": (1, "sdxl"), "4.png": (1, "dalle3")}
+    assert got == {"1.png": (0, "real"), "2.png": (0, "real"), "6.png": (0, "real"),
+                   "3.png": (1, "sdxl"), "4.png": (1, "dalle3")}
+    assert folder_label("0_real") == 0 and folder_label("Real_LAION") == 0 and folder_label("midjourney") == 1
+
+
+@pytest.mark.parametrize("name", ["unreal_engine", "RealVisXL", "imagenet_real", "surreal", "realistic-vision"])
+def test_corvi_layout_refuses_ambiguous_real_names(tmp_path, name):
+    for rel in ("real/1.png", f"{name}/2.png"):
+        _save(tmp_path / rel, noise_image(8, 8))
+    with pytest.raises(InputError, match=f"{name}.*contains 'real'.*manifest"):
+        read_labelled(tmp_path)
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "manifest" in result.output and "Traceback" not in result.output
 
 
 def test_scan_output_layout(tmp_path, bench):
@@ -347,7 +359,7 @@ def test_perturbations_parse_and_are_seeded_per_content():
     for bad in ("jpeg:101", "resize:0", "crop:3", "sharpen:1", "jpeg", "blur:x"):
         with pytest.raises(ValueError):
             parse_perturbations([bad])
-    from detector.evaluation import _condition_rng
+    from detector.evaluation.conditions import condition_rng as _condition_rng
 
     px = noise_image(64, 64)
     crop = Perturbation("crop", 16)
@@ -389,6 +401,8 @@ def test_cli_evaluate_then_scan_output(bench, checkpoint, tmp_path):
                                        "--workers", "1", *common])
     assert result.exit_code == 0, result.output
     assert "AUC [95% CI]" in result.output and "gen2" in result.output
+    # the counts it read, per class and generator, come before any score
+    assert result.output.index("read 1 real, 1 fake (gen2 1)") < result.output.index("AUC [95% CI]")
     scores = pd.read_csv(tmp_path / "e" / "scores.csv")
 
     scan = CliRunner().invoke(main, ["scan", str(subset), "--weights", str(checkpoint), "-o", str(tmp_path / "s.csv"),
@@ -398,6 +412,7 @@ def test_cli_evaluate_then_scan_output(bench, checkpoint, tmp_path):
     again = CliRunner().invoke(main, ["evaluate", str(tmp_path / "s.csv"), "--labels", str(subset),
                                       "-o", str(tmp_path / "f"), *common])
     assert again.exit_code == 0, again.output
+    assert "labels read: 1 real, 1 fake (gen2 1)" in again.output
     from_scan = pd.read_csv(tmp_path / "f" / "scores.csv")
     assert list(from_scan["label"]) == [0, 1] and list(from_scan["generator"]) == ["real", "gen2"]
     np.testing.assert_allclose(from_scan["logit_seeded"], scores["logit_seeded"], rtol=1e-5)

@@ -723,3 +723,34 @@ def test_fuzz_full_plan_cores_partition_the_image(h, w, tile, margin, align):
         assert c.bottom - c.top <= -(-tile // align) * align + 2 * m + align
         cover[c.core_top : c.core_bottom, c.core_left : c.core_right] += 1
     assert (cover == 1).all(), "tile cores must cover every pixel exactly once"
+
+
+def _decoded(tmp_path: Path, name: str, data: bytes) -> np.ndarray:
+    (tmp_path / name).write_bytes(data)
+    return decode_image(tmp_path / name).pixels
+
+
+def test_decoded_pixels_are_the_stored_ones(tmp_path):
+    """Not only "it decodes": the RGB values are what the file holds, for the conversions decode_image makes."""
+    rng = np.random.default_rng(3)
+    rgb = noise_image(40, 48, 4)
+    grey16 = rng.integers(0, 65536, size=(40, 48), dtype=np.uint16)
+    expected_grey = np.repeat(np.clip(grey16 / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    # 16-bit grey scaled to 8 bits (not clipped at 255, not truncated to the low byte), in PNG and TIFF
+    png16 = _decoded(tmp_path, "g16.png", _png(48, 40, 16, 0, _png_rows(grey16.astype(">u2"))))
+    np.testing.assert_array_equal(png16, expected_grey)
+    tif16 = _decoded(tmp_path, "g16.tif", _encode(Image.fromarray(grey16), "TIFF"))
+    np.testing.assert_array_equal(tif16, expected_grey)
+    # CMYK back to the RGB it was made from: exactly when lossless, closely through JPEG
+    np.testing.assert_array_equal(_decoded(tmp_path, "c.tif", _encode(Image.fromarray(rgb).convert("CMYK"), "TIFF")), rgb)
+    smooth = np.asarray(Image.fromarray(rgb).resize((12, 10)).resize((48, 40), Image.BILINEAR))
+    cmyk_jpeg = _encode(Image.fromarray(smooth).convert("CMYK"), "JPEG", quality=95)
+    error = np.abs(_decoded(tmp_path, "c.jpg", cmyk_jpeg).astype(int) - smooth.astype(int))
+    assert error.mean() < 4, f"mean error {error.mean():.1f}"
+    # EXIF orientation is not applied: the stored 40x48 pixels come back, unrotated
+    for orientation in (1, 6, 8):
+        exif = _decoded(tmp_path, f"o{orientation}.png", _encode(Image.fromarray(rgb), "PNG", exif=_exif(orientation)))
+        np.testing.assert_array_equal(exif, rgb)
+    # alpha dropped, colour kept (not composited onto a background)
+    rgba = np.dstack([rgb, rng.integers(0, 256, (40, 48), dtype=np.uint8)])
+    np.testing.assert_array_equal(_decoded(tmp_path, "a.png", _encode(Image.fromarray(rgba), "PNG")), rgb)

@@ -147,3 +147,30 @@ def test_heatmaps_stay_inside_folder(tmp_path, detector):
     written = list(heat.iterdir())
     assert len(written) == 1 and written[0].parent == heat
     assert Image.open(written[0]).size == (64, 64)
+
+
+def test_full_mode_scan_tiled_equals_untiled(tmp_path, tiny_checkpoint):
+    """`scan --mode full --precision fp32` of 389x301 px images: --tile-size 96 (several tiles) gives the
+    logits of --tile-size 4096 (one crop)."""
+    from click.testing import CliRunner
+
+    from detector.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(noise_image(301, 389, 5)).save(folder / "a.png")
+    smooth = np.linspace(0, 255, 389)[None, :, None] * np.ones((301, 1, 3))
+    Image.fromarray(smooth.astype(np.uint8)).save(folder / "b.jpg", quality=85)
+    rows = {}
+    for tile in (96, 4096):
+        out = tmp_path / f"tile{tile}.csv"
+        result = CliRunner().invoke(main, ["scan", str(folder), "-o", str(out), "--weights", str(tiny_checkpoint),
+                                           "--mode", "full", "--precision", "fp32", "--device", "cpu",
+                                           "--tile-size", str(tile), "--workers", "0", "-q"])
+        assert result.exit_code == 0, result.output
+        rows[tile] = pd.read_csv(out).set_index("path")
+    tiled, whole = rows[96], rows[4096]
+    assert len(tiled) == 2 and (tiled["width"] == 389).all() and (tiled["height"] == 301).all()
+    assert (tiled["n_patches"] > 1).all() and (whole["n_patches"] == 1).all()
+    np.testing.assert_allclose(tiled["logit"], whole.loc[tiled.index, "logit"], rtol=0, atol=1e-4)
+    assert abs(tiled["logit"].iloc[0] - tiled["logit"].iloc[1]) > 1e-3  # different images, different logits

@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from ..images import ImageError, decode_image
 from ..inference import Detector, autocast, input_scale, normalise, resolve_device
 from ..metrics import auc, logloss, sigmoid
 from ..models import create_model
+from ..results import software_versions
 from .calibration import fit_calibration
 from .recipe import Recipe, augment, validation_crops
 
@@ -95,13 +95,6 @@ def _git_commit() -> str | None:
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _versions() -> dict:
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "platform": platform.platform()}
 
 
 def _load_items(table: pd.DataFrame, min_size: int, max_pixels: int, log) -> list[_Item]:
@@ -310,7 +303,7 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
         "data": {"train": config.train, "val": config.val, "n_train": len(train_items), "n_val": len(val_items),
                  "n_train_real": sum(it.label == 0 for it in train_items),
                  "n_train_fake": sum(it.label == 1 for it in train_items), "n_simulated_fakes": n_simulated},
-        "versions": _versions(),
+        "versions": software_versions(),
         "git_commit": _git_commit(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,0 +1,175 @@
+"""Models' columns, their fusion, the groups metrics are computed on, and the tidy metric table.
+
+Groups follow Corvi et al. 2023: each generator's fakes against *all* reals pooled, each family
+(when the data names families), all fakes against all reals, and ``average``, the mean of the
+generator rows. The bias breakdown restricts *both* classes to one file format or one resolution
+bucket, so a result that the container explains collapses there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import metrics as M
+from .conditions import MODEL_FUSION_RULES
+
+__all__ = ["METRIC_COLUMNS", "Group", "ModelSpec", "breakdown_groups", "fuse_models", "group_metrics",
+           "metric_groups", "model_names", "size_bucket", "with_fusion"]
+
+METRIC_COLUMNS = ["group", "model", "metric", "value"]
+RESERVED_GROUPS = ("all", "average")
+_SIZE_EDGES = (256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A column of logits and how to read it: the threshold and the temperature of its model."""
+
+    name: str
+    threshold: float = 0.0
+    temperature: float = 1.0
+
+    @property
+    def column(self) -> str:
+        return f"logit_{self.name}"
+
+
+def model_names(stems: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for stem in stems:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "model"
+        if base == "fused":
+            base = "fused_model"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _fuse_rows(z: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "mean":
+        return z.mean(axis=1)
+    if rule == "max":
+        return z.max(axis=1)
+    if rule == "soft-or":
+        # log prod(1 - p_i) = -sum softplus(z_i); logit(1 - prod(1 - p_i)) = log(1 - e^s) - s
+        with np.errstate(invalid="ignore"):  # NaN rows (unreadable files) stay NaN
+            s = -np.logaddexp(0.0, z).sum(axis=1)
+            return np.log(-np.expm1(np.minimum(s, -1e-300))) - s
+    raise ValueError(f"model fusion must be one of {MODEL_FUSION_RULES}, got {rule!r}")
+
+
+def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "mean") -> tuple[np.ndarray, ModelSpec]:
+    """Fuse the logits ``(n_images, n_models)`` of several models into one logit per image.
+
+    Each model's logits (and threshold) are divided by its temperature, then ``rule`` (``mean``,
+    ``max`` or ``soft-or``) combines them. Returns the fused logits and the fused model (name
+    ``fused``, its threshold the rule applied to the thresholds, temperature 1). A NaN in a row
+    gives NaN.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != len(models):
+        raise ValueError(f"logits must be (n_images, {len(models)}), got {z.shape}")
+    temperatures = np.array([m.temperature for m in models], dtype=np.float64)
+    thresholds = np.array([[m.threshold for m in models]], dtype=np.float64) / temperatures
+    fused = _fuse_rows(z / temperatures, rule)
+    return fused, ModelSpec("fused", threshold=float(_fuse_rows(thresholds, rule)[0]), temperature=1.0)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of rows metrics are computed on: ``kind`` is generator, family, all, format or size."""
+
+    name: str
+    kind: str
+    mask: np.ndarray
+
+
+def metric_groups(df: pd.DataFrame) -> list[Group]:
+    """Each generator's fakes with all reals, each family's (if the data names families), then all."""
+    real = (df["label"] == 0).to_numpy()
+    fake = ~real
+    groups = []
+    generators = sorted(set(df.loc[fake, "generator"]))
+    for g in generators:
+        name = f"generator:{g}" if g in RESERVED_GROUPS else g
+        groups.append(Group(name, "generator", real | (fake & (df["generator"] == g).to_numpy())))
+    if (df.loc[fake, "family"] != df.loc[fake, "generator"]).any():
+        for f in sorted(set(df.loc[fake, "family"])):
+            groups.append(Group(f"family:{f}", "family", real | (fake & (df["family"] == f).to_numpy())))
+    groups.append(Group("all", "all", np.ones(len(df), dtype=bool)))
+    return groups
+
+
+def size_bucket(width: float, height: float) -> str:
+    """The resolution bucket of an image, by its shorter side: ``<256``, ``256-511`` ... ``>=2048``."""
+    if not (np.isfinite(width) and np.isfinite(height)):
+        return "unknown"
+    short = min(width, height)
+    lower = 0
+    for edge in _SIZE_EDGES:
+        if short < edge:
+            return f"<{edge}" if lower == 0 else f"{lower}-{edge - 1}"
+        lower = edge
+    return f">={_SIZE_EDGES[-1]}"
+
+
+def breakdown_groups(df: pd.DataFrame) -> list[Group]:
+    """Both classes restricted to one file format, then to one resolution bucket (the bias breakdown)."""
+    groups = []
+    formats = df["format"].fillna("").replace("", "unknown")
+    for f in sorted(set(formats)):
+        groups.append(Group(f"format:{f}", "format", (formats == f).to_numpy()))
+    buckets = np.array([size_bucket(w, h) for w, h in zip(df["width"].astype(float), df["height"].astype(float))])
+    order = ["<256", *[f"{a}-{b - 1}" for a, b in zip(_SIZE_EDGES, _SIZE_EDGES[1:])], f">={_SIZE_EDGES[-1]}", "unknown"]
+    for b in order:
+        if (buckets == b).any():
+            groups.append(Group(f"size:{b}", "size", buckets == b))
+    return groups
+
+
+def group_metrics(
+    df: pd.DataFrame, models: Sequence[ModelSpec], groups: Sequence[Group], *, n_boot: int = 1000, seed: int = 0,
+    average: bool = True,
+) -> pd.DataFrame:
+    """Tidy metrics (group, model, metric, value) of every group and model, via :func:`metrics.summary`.
+
+    Rows whose logit is NaN (unreadable files) are left out. With ``average``, an ``average`` row
+    is the mean over the generator groups of each metric, except ``n_fake``, which is their sum.
+    """
+    labels = df["label"].to_numpy(dtype=int)
+    rows = []
+    for model in models:
+        scores = df[model.column].to_numpy(dtype=np.float64)
+        valid = np.isfinite(scores)
+        per_generator = []
+        for group in groups:
+            keep = group.mask & valid
+            values = M.summary(labels[keep], scores[keep], threshold=model.threshold, temperature=model.temperature,
+                               n_boot=n_boot, seed=seed)
+            rows.extend((group.name, model.name, k, float(v)) for k, v in values.items())
+            if group.kind == "generator":
+                per_generator.append(values)
+        if average and per_generator:
+            mean = pd.DataFrame(per_generator).mean(axis=0, skipna=False)
+            mean["n_fake"] = float(sum(v["n_fake"] for v in per_generator))
+            rows.extend(("average", model.name, k, float(v)) for k, v in mean.items())
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
+
+
+def with_fusion(frames: dict[str, pd.DataFrame], models: Sequence[ModelSpec], rule: str) -> list[ModelSpec]:
+    """Add the fused column to every frame when there are several models; the models to report."""
+    if len(models) < 2:
+        return list(models)
+    fused = None
+    for df in frames.values():
+        df["logit_fused"], fused = fuse_models(df[[m.column for m in models]].to_numpy(), models, rule)
+    return [*models, fused]
+
+

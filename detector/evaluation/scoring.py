@@ -1,0 +1,134 @@
+"""Per-image work of an evaluation: inspect every file, then score every (image, condition) with every model.
+
+Inspection and decoding run in DataLoader workers (:func:`detector.workers.in_workers`); a score
+already in the cache is not computed again, and an image is decoded only if some model still needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..images import ImageError, decode_image, jpeg_quality, open_image
+from ..inference import Detector
+from ..workers import in_workers
+from .cache import ScoreCache, settings_key
+from .conditions import CLEAN, EvalOptions, Perturbation, condition_rng, preprocess
+from .groups import ModelSpec
+
+__all__ = ["inspect_file", "inspect_all", "score_all"]
+
+
+def inspect_file(path: str | os.PathLike) -> dict:
+    """Content sha256, byte size, format, width, height and JPEG quality of a file, from its header.
+
+    A file that cannot be opened gets ``error`` set (the message :func:`decode_image` gives).
+    """
+    out = {"sha256": "", "bytes": np.nan, "format": "", "width": np.nan, "height": np.nan,
+           "jpeg_quality": np.nan, "error": ""}
+    try:
+        data = Path(path).read_bytes()
+        out.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        with open_image(io.BytesIO(data), str(path)) as img:  # only the formats decode_image reads
+            out.update(format=img.format or "", width=img.width, height=img.height)
+            quality = jpeg_quality(img) if out["format"] in ("JPEG", "MPO") else None
+        out["jpeg_quality"] = np.nan if quality is None else quality
+    except Exception:  # noqa: BLE001 - whatever went wrong, decode_image words it for the error column
+        try:
+            decode_image(path)
+            out["error"] = "unreadable header"
+        except ImageError as err:
+            out["error"] = str(err)
+        except Exception as err:  # noqa: BLE001
+            out["error"] = f"unexpected {type(err).__name__}: {err}"
+    return out
+
+
+def _load_variant(job: tuple, options: EvalOptions) -> dict:
+    """Decode, preprocess and perturb one (image, condition) job; ``pixels`` is a tensor (shared memory)."""
+    path, sha256, perturbation = job[1:4]
+    try:
+        pixels = decode_image(path, max_pixels=options.max_pixels).pixels
+        pixels = preprocess(pixels, center_crop=options.center_crop, align_jpeg=options.align_jpeg)
+        if perturbation is not None:
+            pixels = perturbation.apply(pixels, condition_rng(options.seed, sha256, perturbation.name))
+        return {"job": job, "pixels": torch.from_numpy(np.array(pixels, dtype=np.uint8)), "error": ""}
+    except ImageError as err:
+        error = str(err)
+    except Exception as err:  # noqa: BLE001 - one file's failure must not stop the evaluation
+        error = f"unexpected {type(err).__name__}: {err}"
+    return {"job": job, "pixels": None, "error": error}
+
+
+def inspect_all(table: pd.DataFrame, workers: int) -> pd.DataFrame:
+    meta = pd.DataFrame(list(in_workers(inspect_file, list(table["path"]), workers)),
+                        columns=["sha256", "bytes", "format", "width", "height", "jpeg_quality", "error"])
+    return pd.concat([table.reset_index(drop=True), meta], axis=1)
+
+
+def score_all(
+    table: pd.DataFrame, detectors: Sequence[Detector], models: Sequence[ModelSpec], options: EvalOptions,
+    cache: ScoreCache,
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Per condition, the table with one logit column per model; and counts of work done."""
+    from tqdm import tqdm
+
+    conditions = options.conditions
+    described = [d.describe() for d in detectors]
+    keys = {(m, c): settings_key(described[m], options, c.name if c else CLEAN)
+            for m in range(len(detectors)) for c in conditions}
+    jobs, seen, n_reused = [], set(), 0
+    for i, row in enumerate(table.itertuples(index=False)):
+        for c in conditions:
+            if row.error or (row.sha256, c) in seen:
+                continue
+            seen.add((row.sha256, c))
+            needed = tuple(m for m in range(len(detectors)) if cache.get(row.sha256, keys[(m, c)]) is None)
+            n_reused += len(detectors) - len(needed)
+            if needed:
+                jobs.append((i, row.path, row.sha256, c, needed))
+    errors: dict[tuple[str, Perturbation | None], str] = {}
+    n_scored = 0
+    bar = tqdm(total=len(jobs), disable=not options.progress, file=sys.stderr, unit="img", dynamic_ncols=True)
+    try:
+        for item in in_workers(partial(_load_variant, options=options), jobs, options.workers):
+            _, _, sha256, c, needed = item["job"]
+            bar.update(1)
+            if item["error"]:
+                errors[(sha256, c)] = item["error"]
+                continue
+            pixels = item["pixels"].numpy()
+            for m in needed:
+                if cache.get(sha256, keys[(m, c)]) is not None:  # an identical model scored it in this run
+                    n_reused += 1
+                    continue
+                try:
+                    logit, _, _ = detectors[m].score_pixels(pixels, options.patches, fusion=options.fusion,
+                                                            batch_size=options.batch_size)
+                except Exception as err:  # noqa: BLE001 - one image's failure must not stop the evaluation
+                    errors[(sha256, c)] = f"unexpected {type(err).__name__}: {err}"
+                    break
+                cache.put(sha256, keys[(m, c)], logit)
+                n_scored += 1
+    finally:
+        bar.close()
+        cache.compact()
+    frames = {}
+    for c in conditions:
+        df = table.copy()
+        df["error"] = [e or errors.get((s, c), "") for s, e in zip(df["sha256"], df["error"])]
+        for m, model in enumerate(models):
+            values = [cache.get(s, keys[(m, c)]) if not e else None for s, e in zip(df["sha256"], df["error"])]
+            df[model.column] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        frames[c.name if c else CLEAN] = df
+    return frames, {"scored": n_scored, "reused": n_reused}
+
