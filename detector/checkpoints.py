@@ -42,6 +42,7 @@ __all__ = [
     "read_metadata",
     "read_state_dict",
     "save_checkpoint",
+    "with_metadata",
 ]
 
 METADATA_KEY = "detector"
@@ -275,3 +276,14 @@ def save_checkpoint(
         state[name] = tensor.contiguous()
     atomic_write(path, lambda tmp: _st_save(state, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)}))
     return file_sha256(path)
+
+
+def with_metadata(src: str | os.PathLike, dst: str | os.PathLike, updates: dict) -> str:
+    """Write ``src``'s tensors, unchanged, as a project checkpoint ``dst`` whose metadata is ``src``'s
+    with ``updates`` merged in (e.g. a new calibration); returns the new file's sha256."""
+    state, metadata = read_state_dict(src)
+    meta = {**metadata, **updates}
+    meta.setdefault("format_version", FORMAT_VERSION)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    atomic_write(dst, lambda tmp: _st_save(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)}))
+    return file_sha256(dst)

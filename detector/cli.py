@@ -231,6 +231,52 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
         click.echo(f"{key:>15}: {value}")
 
 
+@main.command()
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+              help="Labelled calibration images (any layout `evaluate` reads), from sources training did not use.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The recalibrated checkpoint (same tensors, new calibration in its metadata).")
+@click.option("--target-far", type=float, default=None,
+              help="Put the threshold at this false-alarm rate on the calibration reals (default: Platt's 0.5 point).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@_patch_options
+def calibrate(weights, data, output, target_far, quiet, mode, patch_size, num_patches, layout, seed, fusion, tile_size,
+              tile_margin, device, precision, batch_size, workers, max_pixels, architecture) -> None:
+    """Fit a checkpoint's probability calibration on labelled images scored exactly as `scan` scores them.
+
+    Platt scaling (p = sigmoid(a * logit + b)) on the logits that the given cutting options produce,
+    stored as a temperature and a threshold, so that `label` is `fake` exactly when `probability`
+    is at least 0.5. The settings are recorded: a scan with other settings says its probabilities
+    are uncalibrated for them.
+
+    \b
+    Example:
+      detector calibrate weights/resnet50nodown_dev.safetensors --data data/splits/val.csv -o recalibrated.safetensors
+    """
+    import pandas as pd
+
+    from .checkpoints import with_metadata
+    from .datasets import read_labelled
+    from .images import InputError
+    from .training.calibration import calibrate_detector
+
+    settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
+    detector = _load_one(Path(weights), architecture, device, precision)
+    try:
+        table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
+        calibration = calibrate_detector(detector, table, settings, fusion=fusion, target_far=target_far,
+                                         max_pixels=max_pixels, log=(lambda m: None) if quiet else
+                                         (lambda m: click.echo(m, err=True)))
+    except (InputError, ValueError) as err:
+        _fail(str(err))
+    record = {**calibration.to_dict(), "data": [str(d) for d in data]}
+    sha = with_metadata(weights, output, {"calibration": record})
+    click.echo(f"temperature {calibration.temperature:.4g}, threshold {calibration.threshold:.4g} "
+               f"({calibration.rule}, {calibration.n_real} real, {calibration.n_fake} generated) -> {output} "
+               f"(sha256 {sha[:12]})", err=True)
+
+
 def _floats(text: str) -> tuple[float, float]:
     lo, hi = (float(v) for v in text.split(","))
     return lo, hi
@@ -281,10 +327,14 @@ def _floats(text: str) -> tuple[float, float]:
               help="CLIP probe: inverse L2 strength of the logistic regression (default: chosen on validation AUC).")
 @click.option("--probe-align-jpeg", type=click.IntRange(1, 100), default=None,
               help="CLIP probe: re-encode every training and validation image of both classes at this JPEG quality.")
+@click.option("--feature-cache", type=click.Path(file_okay=False), default=None,
+              help="CLIP probe: folder of cached encoder features, keyed by file content and settings "
+                   "(default: OUTPUT_DIR/features); share it between runs to encode each image once.")
 def train(train_data, val_data, val_sources, output_dir, init, architecture, crop_size, batch_size, lr, weight_decay,
           steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
           jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
-          device, threads, seed, resume, simulate_fakes, views, view_mode, feature, probe_c, probe_align_jpeg) -> None:
+          device, threads, seed, resume, simulate_fakes, views, view_mode, feature, probe_c, probe_align_jpeg,
+          feature_cache) -> None:
     """Train or fine-tune a detector on labelled images (or fit a CLIP probe: --arch clip-probe:BACKBONE).
 
     \b
@@ -320,7 +370,7 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
                 train=list(train_data), val=list(val_data) or [f"held out of --train: {val_sources}"],
                 output_dir=output_dir, backbone=architecture[len("clip-probe:"):], feature=feature, views=views,
                 view_mode=view_mode, align_jpeg=probe_align_jpeg, c=probe_c, target_far=target_far, threads=threads,
-                seed=seed)
+                seed=seed, cache_dir=feature_cache)
             try:
                 train_probe(probe_config, train_table=table, val_table=val_table, log=lambda m: click.echo(m, err=True))
             except BackboneError as err:

@@ -84,7 +84,7 @@ def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "me
 
 @dataclass(frozen=True)
 class Group:
-    """A set of rows metrics are computed on: ``kind`` is generator, family, all, format or size."""
+    """A set of rows metrics are computed on: ``kind`` is generator, family, real-source, all, format or size."""
 
     name: str
     kind: str
@@ -92,7 +92,9 @@ class Group:
 
 
 def metric_groups(df: pd.DataFrame) -> list[Group]:
-    """Each generator's fakes with all reals, each family's (if the data names families), then all."""
+    """Each generator's fakes with all reals, each family's (if the data names families), each real-photo
+    source's reals with all fakes (when there are several sources: a detector can learn one photo
+    collection's look instead of generation traces), then all."""
     real = (df["label"] == 0).to_numpy()
     fake = ~real
     groups = []
@@ -103,6 +105,10 @@ def metric_groups(df: pd.DataFrame) -> list[Group]:
     if (df.loc[fake, "family"] != df.loc[fake, "generator"]).any():
         for f in sorted(set(df.loc[fake, "family"])):
             groups.append(Group(f"family:{f}", "family", real | (fake & (df["family"] == f).to_numpy())))
+    sources = sorted(set(df.loc[real, "source"].astype(str)))
+    if len(sources) > 1:
+        for source in sources:
+            groups.append(Group(f"real:{source}", "real-source", fake | (real & (df["source"].astype(str) == source).to_numpy())))
     groups.append(Group("all", "all", np.ones(len(df), dtype=bool)))
     return groups
 

@@ -19,7 +19,7 @@ from scipy.optimize import minimize, minimize_scalar
 
 from ..metrics import equal_error_rate, logloss, sigmoid, threshold_at_far
 
-__all__ = ["Calibration", "fit_calibration", "fit_platt", "fit_temperature"]
+__all__ = ["Calibration", "calibrate_detector", "fit_calibration", "fit_platt", "fit_temperature"]
 
 _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
 
@@ -91,3 +91,27 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray, *, target_far: float
         threshold = float(threshold_at_far(y, s, target_far))
         temperature, rule = fit_temperature(y, s, threshold), f"far<={target_far:g}"
     return Calibration(temperature, threshold, rule, int((y == 0).sum()), int((y == 1).sum()), dict(settings or {}))
+
+
+def calibrate_detector(detector, table, settings, *, fusion: str = "mean", target_far: float | None = None,
+                       max_pixels: int = 1 << 28, log=print) -> Calibration:
+    """Score the labelled images of ``table`` exactly as ``scan`` would with ``settings`` and ``fusion``
+    (images as stored, no JPEG alignment) and fit the calibration on those scores."""
+    from dataclasses import asdict
+
+    from ..images import ImageError, decode_image
+
+    labels, logits = [], []
+    for i, row in enumerate(table.itertuples(index=False)):
+        try:
+            pixels = decode_image(row.path, max_pixels=max_pixels).pixels
+        except ImageError as err:
+            log(f"skipped {row.path}: {err}")
+            continue
+        logits.append(detector.score_pixels(pixels, settings, fusion=fusion)[0])
+        labels.append(int(row.label))
+        if (i + 1) % 25 == 0:
+            log(f"scored {i + 1}/{len(table)}")
+    resolved = detector.resolve_settings(settings) if hasattr(detector, "resolve_settings") else settings
+    record = {"patches": asdict(resolved), "fusion": fusion} if hasattr(detector, "resolve_settings") else {}
+    return fit_calibration(np.array(labels), np.array(logits), target_far=target_far, settings=record)

@@ -36,7 +36,7 @@ from .calibration import fit_calibration
 
 __all__ = ["C_GRID", "FeatureCache", "ProbeTrainConfig", "embed_images", "fit_probe", "train_probe"]
 
-C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @dataclass
