@@ -44,7 +44,7 @@ from .results import (
     write_run_record,
 )
 
-__all__ = ["ScanOptions", "ScanSummary", "as_ensemble", "scan", "scan_paths"]
+__all__ = ["ScanOptions", "ScanSummary", "as_ensemble", "scan", "scan_paths", "uncalibrated_members"]
 
 _THUMBNAIL = 1024
 
@@ -78,11 +78,26 @@ class ScanSummary:
     n_real: int = 0
     n_errors: int = 0
     seconds: float = 0.0
+    uncalibrated: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         done = self.n_files - self.n_skipped
-        return (f"{done} scanned ({self.n_skipped} already done): {self.n_fake} fake, {self.n_real} real, "
+        text = (f"{done} scanned ({self.n_skipped} already done): {self.n_fake} fake, {self.n_real} real, "
                 f"{self.n_errors} errors in {self.seconds:.1f} s -> {self.output}")
+        if self.uncalibrated:
+            text += (f"\nNOTE: probabilities are uncalibrated for these settings ({', '.join(self.uncalibrated)} "
+                     f"calibrated with others; see the .json record): rank by them, do not read them as chances")
+        return text
+
+
+def uncalibrated_members(ensemble: Ensemble, patches: dict | None, fusion: str) -> list[str]:
+    """Names of the members whose stored calibration was fitted with other cutting settings."""
+    names = []
+    for name, member in zip(ensemble.names, ensemble.members):
+        fitted = (member.info.metadata.get("calibration") or {}).get("settings") if member.info else None
+        if member is ensemble.conv and (not fitted or fitted != {"patches": patches, "fusion": fusion}):
+            names.append(name)
+    return names
 
 
 class _Decoder:
@@ -188,12 +203,16 @@ def scan_paths(
     except Timeout:
         raise RuntimeError(f"another scan is writing {output} (lock file {output}.lock); wait for it or choose another --output") from None
     try:
+        patches = asdict(conv.resolve_settings(options.patches)) if conv else None
+        summary.uncalibrated = uncalibrated_members(ensemble, patches, options.fusion)
         settings_record = {
             **(record or {}),
             "detector": _describe(ensemble),
-            "patches": asdict(conv.resolve_settings(options.patches)) if conv else None,
+            "patches": patches,
             "fusion": options.fusion,
             "max_pixels": options.max_pixels,
+            "probabilities_calibrated": not summary.uncalibrated,
+            "uncalibrated_models": summary.uncalibrated,
         }
         done: Counter[str] = Counter()
         if output.exists() and output.stat().st_size > 0:
