@@ -20,7 +20,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageFile
 
-try:  # HEIC/HEIF (phone photos); optional at run time, installed by default
+try:  # HEIC/HEIF (phone photos): the optional extra detector[heif]
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
@@ -230,6 +230,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except PermissionError:
         raise ImageError("permission denied") from None
     except Image.UnidentifiedImageError:
+        if not HEIF_SUPPORTED and path.suffix.lower() in (".heic", ".heif"):
+            raise ImageError("HEIC/HEIF needs the optional package pillow-heif: pip install 'detector[heif]'") from None
         raise ImageError("not an image file (unrecognised or unsupported format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError, KeyError) as err:
         # strerror leaves out the file name, which can be kilobytes long and is in the row already
