@@ -379,14 +379,14 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[object]], numeric: Se
     head = "".join(f'<th scope="col"{" data-type=num" if n else ""}>{_esc(c)}</th>' for c, n in zip(columns, numeric))
     body = "".join("<tr>" + "".join(f'<td{" class=num" if n else ""}>{_esc(v)}</td>' for v, n in zip(r, numeric))
                    + "</tr>" for r in rows)
-    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="wide"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _number(text: str) -> str:
+def _number(text: str, count: bool = False) -> str:
     value = _float(text)
     if value is None:
         return text
-    return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.3f}"
+    return str(int(value)) if count and value.is_integer() else f"{value:.3f}"
 
 
 def _csv_table(path: Path) -> str:
@@ -416,7 +416,8 @@ def _metrics_tables(path: Path) -> str:
     for model, groups in by_model.items():
         present = {m for g in groups.values() for m in g}
         shown = [(key, name) for key, name in _METRICS if key in present]
-        table_rows = ([group] + [_number(values.get(key, "")) for key, _ in shown] for group, values in groups.items())
+        table_rows = ([group] + [_number(values.get(key, ""), key.startswith("n_")) for key, _ in shown]
+                      for group, values in groups.items())
         parts.append(f"<h3>{_esc(model)}</h3>"
                      + _table(["group"] + [name for _, name in shown], table_rows, [False] + [True] * len(shown)))
     return "".join(parts)
@@ -441,6 +442,7 @@ def _worst(scores: Path, run: dict) -> str:
     model = column[len("logit_"):]
     spec = next((m for m in run.get("models", []) if isinstance(m, dict) and m.get("name") == model), {})
     temperature = _float(str(spec.get("temperature"))) or 1.0
+    threshold = _float(str(spec.get("threshold")))
     parts = [f'<p class="hint">Ranked by <code>{_esc(column)}</code>; the probability is sigmoid(logit / '
              f"{temperature:.3g}).</p>"]
     for label, name, reverse in (("0", "Reals scored most fake", True), ("1", "Fakes scored most real", False)):
@@ -454,11 +456,12 @@ def _worst(scores: Path, run: dict) -> str:
                 f'<tr><td class="thumb">{_img(_thumbnail(path), os.path.basename(path), "file not found")}</td>'
                 f'<td class="file" title="{_esc(path)}">{_esc(os.path.basename(path))}</td>'
                 f"<td>{_esc(r.get('generator', ''))}</td><td>{_esc(r.get('format', ''))}</td>"
-                f'<td class="num">{logit:.3f}</td><td class="num">{probability:.3f}</td></tr>'
+                f'<td class="num">{logit:.3f}</td><td class="num">{probability:.3f}</td>'
+                f"<td>{'' if threshold is None else ('fake' if logit >= threshold else 'real')}</td></tr>"
             )
         head = ('<th scope="col">image</th><th scope="col">file</th><th scope="col">generator</th>'
                 '<th scope="col">format</th><th scope="col" data-type=num>logit</th>'
-                '<th scope="col" data-type=num>probability</th>')
+                '<th scope="col" data-type=num>probability</th><th scope="col">called</th>')
         parts.append(f"<h3>{name}</h3><table class=\"sortable\"><thead><tr>{head}</tr></thead>"
                      f"<tbody>{''.join(table_rows)}</tbody></table>")
     return "".join(parts)
@@ -520,7 +523,7 @@ td.thumb img{display:block;max-width:128px;max-height:128px}
 td.file{max-width:22em;word-break:break-all}td.folder{max-width:18em;word-break:break-all;color:#555}
 td.label.fake{color:var(--fake);font-weight:600}td.label.real{color:var(--real);font-weight:600}
 td.error{color:var(--err);max-width:20em}img.plot{max-width:100%;border:1px solid var(--line)}
-.pager{margin:.6em 0}tr[hidden]{display:none}
+.pager{margin:.6em 0}tr[hidden]{display:none}.wide{overflow-x:auto}
 """
 
 _SCRIPT = """

@@ -164,6 +164,7 @@ def test_evaluation_report(tmp_path):
     worst_reals = page.split("Reals scored most fake", 1)[1].split("Fakes scored most real", 1)[0]
     logits = [float(v) for v in re.findall(r'<td class="num">(-?[0-9.]+)</td><td class="num">', worst_reals)]
     assert logits == [1.5, -0.5, -2.5]  # the reals (label 0: k = 0, 2, 4), most fake first
+    assert worst_reals.count("<td>fake</td></tr>") == 1 and worst_reals.count("<td>real</td></tr>") == 2  # threshold 0
     assert "0.750" in page and "AUC" in page
     result = CliRunner().invoke(main, ["report", str(tmp_path / "eval"), "-o", str(tmp_path / "e.html")])
     assert result.exit_code == 0 and (tmp_path / "e.html").is_file()
