@@ -6,33 +6,61 @@ The public API; the command line (:mod:`detector.cli`) is a thin layer over it::
     det = Detector.from_checkpoint("weights/resnet50nodown_dev.safetensors")
     pred = det.predict("photo.jpg")
     print(pred.probability, pred.label, pred.logit_map.shape)
+
+The names below are imported on first use (PEP 562), not with the package: ``detector --help``
+and the report commands then start without loading torch, pandas or scikit-learn.
 """
 
-from .checkpoints import CheckpointError, load_model, save_checkpoint
-from .datasets import read_labelled
-from .evaluation import EvalOptions, evaluate
-from .images import ImageError, decode_image, find_images
-from .inference import Detector, Prediction
-from .models import create_model, list_models
-from .patches import PatchSettings
-from .scanning import ScanOptions, scan
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "Detector",
-    "EvalOptions",
-    "ImageError",
-    "PatchSettings",
-    "Prediction",
-    "ScanOptions",
-    "create_model",
-    "decode_image",
-    "evaluate",
-    "find_images",
-    "list_models",
-    "load_model",
-    "read_labelled",
-    "save_checkpoint",
-    "scan",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "CheckpointError": "checkpoints",
+    "load_model": "checkpoints",
+    "save_checkpoint": "checkpoints",
+    "read_labelled": "datasets",
+    "EvalOptions": "evaluation",
+    "evaluate": "evaluation",
+    "ImageError": "images",
+    "decode_image": "images",
+    "find_images": "images",
+    "Detector": "inference",
+    "Prediction": "inference",
+    "create_model": "models",
+    "list_models": "models",
+    "PatchSettings": "patches",
+    "default_weights_path": "resources",
+    "ScanOptions": "scanning",
+    "scan": "scanning",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detector' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from .checkpoints import CheckpointError, load_model, save_checkpoint
+    from .datasets import read_labelled
+    from .evaluation import EvalOptions, evaluate
+    from .images import ImageError, decode_image, find_images
+    from .inference import Detector, Prediction
+    from .models import create_model, list_models
+    from .patches import PatchSettings
+    from .resources import default_weights_path
+    from .scanning import ScanOptions, scan

@@ -7,15 +7,36 @@ object, calls the API, and turns exceptions into clear messages and exit codes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 import click
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-# The default detector: the models this file names, fused by its rule (see weights/MODEL_CARD.md).
-DEFAULT_MODEL_SET = WEIGHTS_DIR / "detector.json"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "resnet50nodown_dev.safetensors"
+from .resources import DEFAULT_WEIGHTS_NAME, ENV_VAR, default_weights_path
+
+# The default detector: the models this file (found like the weights, see detector.resources)
+# names, fused by its rule (see weights/MODEL_CARD.md).
+DEFAULT_MODEL_SET_NAME = "detector.json"
+
+
+def _default_weights() -> Path | None:
+    """The default weights, looked up now (order: see :mod:`detector.resources`), or None when absent."""
+    try:
+        return default_weights_path()
+    except ValueError as err:  # DETECTOR_WEIGHTS names nothing
+        raise click.ClickException(str(err)) from None
+
+
+def _default_model_set() -> Path | None:
+    """The default model-set file, unless DETECTOR_WEIGHTS names one checkpoint file (which then runs alone)."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and Path(env).expanduser().is_file():
+        return None
+    try:
+        return default_weights_path(DEFAULT_MODEL_SET_NAME)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _fail(message: str) -> None:
@@ -70,10 +91,15 @@ def _load_models(weights: tuple[str, ...], architecture: str | None, device: str
         return members, names, fusion_models or "mean"
     if architecture:
         _fail("--arch applies to a published checkpoint given with --weights")
-    if not DEFAULT_MODEL_SET.is_file():
-        return [_load_one(DEFAULT_WEIGHTS, None, device, precision)], [DEFAULT_WEIGHTS.stem], fusion_models or "mean"
+    model_set = _default_model_set()
+    if model_set is None:
+        path = _default_weights()
+        if path is None:
+            _fail(f"no default weights found ({DEFAULT_WEIGHTS_NAME} is neither in {ENV_VAR} nor installed with the "
+                  "package nor in this checkout's weights/); pass --weights")
+        return [_load_one(path, None, device, precision)], [path.stem], fusion_models or "mean"
     try:
-        ensemble = load_ensemble(DEFAULT_MODEL_SET, device=device, precision=precision, warn=_warn)
+        ensemble = load_ensemble(model_set, device=device, precision=precision, warn=_warn)
     except (CheckpointError, ValueError) as err:
         _fail(str(err))
     return ensemble.members, ensemble.names, fusion_models or ensemble.rule
@@ -137,9 +163,11 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @click.option("--resume", is_flag=True, help="Skip files already in --output (after repairing a torn last row).")
 @click.option("--heatmaps", type=click.Path(file_okay=False), default=None, help="Write each image's logit map as a PNG overlay here.")
 @click.option("--table/--no-table", default=False, help="Print the results as a table on stdout at the end.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML report here (thumbnails, heatmaps, sortable table).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_patch_options
-def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, quiet, mode, patch_size, num_patches, layout, seed, fusion,
+def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report_path, quiet, mode, patch_size, num_patches, layout, seed, fusion,
          tile_size, tile_margin, device, precision, batch_size, workers, max_pixels, architecture) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
@@ -151,9 +179,8 @@ def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, quiet,
     """
     from .images import InputError
     from .scanning import ScanOptions
-    from .scanning import scan as run
-
     from .inference import Ensemble
+    from .scanning import scan as run
 
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
     members, names, rule = _load_models(weights, architecture, device, precision, fusion_models)
@@ -167,6 +194,35 @@ def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, quiet,
     click.echo(summary.line(), err=True)
     if table:
         _print_table(summary.output)
+    elif summary.n_files == 1 and summary.n_skipped == 0:
+        _print_verdict(summary.output)
+    if report_path and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, which merged the parts
+        _write_scan_report(output, report_path, heatmaps)
+
+
+def _print_verdict(path: str) -> None:
+    """One image scanned: its verdict on stdout (the CSV has the rest)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    row = rows[-1]
+    if row["error"]:
+        click.echo(f"{row['path']}: not scored: {row['error']}")
+    else:
+        click.echo(f"{row['path']}: {row['label']} (probability {float(row['probability']):.3f} that it is generated)")
+
+
+def _write_scan_report(results: str, report_path: str, heatmaps: str | None) -> None:
+    from .report import scan_report
+
+    try:
+        written = scan_report(results, report_path, heatmaps)
+    except (ValueError, OSError) as err:
+        _fail(f"report not written: {err}")
+    click.echo(f"report: {written}", err=True)
 
 
 def _print_table(path: str) -> None:
@@ -177,6 +233,41 @@ def _print_table(path: str) -> None:
     shown["path"] = shown["path"].map(lambda p: p if len(p) <= 50 else "..." + p[-47:])
     with pd.option_context("display.max_rows", 200, "display.width", 160, "display.max_colwidth", 60):
         click.echo(shown.to_string(index=False))
+
+
+@main.command("report")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--heatmaps", type=click.Path(file_okay=False, exists=True), default=None,
+              help="The scan's --heatmaps folder: each image's overlay is shown beside its thumbnail.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="The HTML file. Default: SCAN.html beside SCAN.csv, or report.html inside an evaluation folder.")
+def report_cmd(source, heatmaps, output) -> None:
+    """Write one self-contained HTML page for a scan CSV or an evaluation folder.
+
+    SOURCE is a `detector scan` output CSV (with its .json run record beside it), or a folder written
+    by `detector evaluate`. The page embeds every thumbnail and plot (no network, no external file),
+    so it can be mailed or archived; sorting, filters and pages need no server.
+
+    \b
+    Examples:
+      detector scan photos/ --heatmaps heat/ -o photos.csv
+      detector report photos.csv --heatmaps heat/ -o photos.html
+      detector report eval/dev_val/
+    """
+    from .report import evaluation_report, is_evaluation_dir, scan_report
+
+    try:
+        if Path(source).is_dir():
+            if not is_evaluation_dir(source):
+                _fail(f"{source} is a folder but not a `detector evaluate` output (no metrics.csv and scores.csv)")
+            if heatmaps:
+                _fail("--heatmaps is for scan CSVs; an evaluation report shows no heatmaps")
+            written = evaluation_report(source, output)
+        else:
+            written = scan_report(source, output or Path(source).with_suffix(".html"), heatmaps)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    click.echo(f"report: {written}", err=True)
 
 
 @main.command("models")

@@ -21,7 +21,7 @@ from typing import IO, Iterable
 import numpy as np
 from PIL import Image
 
-try:  # HEIC/HEIF (phone photos); optional at run time, installed by default
+try:  # HEIC/HEIF (phone photos): the optional extra detector[heif]
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
@@ -254,6 +254,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except PermissionError:
         raise ImageError("permission denied") from None
     except Image.UnidentifiedImageError:
+        if not HEIF_SUPPORTED and path.suffix.lower() in (".heic", ".heif"):
+            raise ImageError("HEIC/HEIF needs the optional package pillow-heif: pip install 'detector[heif]'") from None
         raise ImageError("not an image file (unrecognised or unsupported format)") from None
     except Image.DecompressionBombError as err:  # a GIF frame or crop beyond Pillow's own process-wide limit
         raise ImageError(f"too large for Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS): {err}") from None

@@ -242,7 +242,9 @@ class TimmClassifier(nn.Module):
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        import timm  # imported here: most users never build a timm model
+        from .resources import require
+
+        timm = require("timm", "timm", f"the architecture timm:{name}")  # most users never build one
 
         try:
             self.net = timm.create_model(name, pretrained=False, num_classes=1)

@@ -87,12 +87,14 @@ class LinearProbe(nn.Module):
 
 def find_encoder(name: str, fingerprint: str, checkpoint: Path) -> str:
     """The encoder name to build: an ONNX path is looked for as given, beside the checkpoint and in
-    the default weights folder, and accepted only if its sha256 is ``fingerprint``."""
+    the default weights folders (:func:`detector.resources.weights_dirs`), and accepted only if its
+    sha256 is ``fingerprint``."""
     if not name.startswith("clip:onnx:"):
         return name
+    from .resources import weights_dirs
+
     given = Path(name[len("clip:onnx:"):])
-    here = Path(__file__).resolve().parent.parent / "weights"
-    candidates = [given, checkpoint.parent / given.name, here / given.name]
+    candidates = [given, checkpoint.parent / given.name] + [d / given.name for d in weights_dirs()]
     for path in candidates:
         if path.is_file():
             if fingerprint and file_sha256(path) != fingerprint:

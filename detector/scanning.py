@@ -123,7 +123,8 @@ class _Decoder:
             item["plan"] = plan
             # As tensors: a worker hands them over in shared memory, not through the main process's
             # heap, where megapixel crops would fragment the memory that the network keeps reusing.
-            item["crops"] = [torch.from_numpy(np.ascontiguousarray(c.cut(img.pixels))) for c in plan]
+            # np.array copies: the decoded pixels are read-only, and torch wants memory it may write.
+            item["crops"] = [torch.from_numpy(np.array(c.cut(img.pixels), order="C")) for c in plan]
             item["views"] = [torch.from_numpy(encoder_views(img.pixels, size=size, n=n, mode=mode))
                              for size, n, mode in self.view_specs]
             if self.thumbnails:
@@ -285,11 +286,12 @@ def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, s
             p.remaining -= 1
             p.seconds += share
 
-    def flush(all_shapes: bool) -> None:
+    def flush(all_shapes: bool, stale: frozenset = frozenset()) -> None:
+        """Run every full batch; also the partial ones of ``stale`` shapes (or of all shapes)."""
         for shape in list(queues):
             q = queues[shape]
             size = detector.batch_limit(shape, options.batch_size)
-            while len(q) >= size or (all_shapes and q):
+            while len(q) >= size or ((all_shapes or shape in stale) and q):
                 chunk, queues[shape] = q[:size], q[size:]
                 q = queues[shape]
                 run_batch(shape, chunk)
@@ -307,11 +309,15 @@ def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, s
     for item in loader:
         index = item["index"]
         pending[index] = _Pending(item, [None] * len(item["crops"]), len(item["crops"]), item["seconds"])
+        shapes = frozenset(tuple(crop.shape[:2]) for crop in item["crops"])
         for k, crop in enumerate(item["crops"]):
             queues.setdefault(tuple(crop.shape[:2]), []).append((index, k, crop))
         item["crops"] = None  # the queue holds them now
+        # A shape that this image does not continue will not fill its batch soon: score it now,
+        # so that rows (written in input order) and the progress bar advance as images finish
+        # instead of waiting for the end of the scan behind a lone small image.
         if detector is not None:
-            flush(all_shapes=len(pending) >= max_pending)
+            flush(all_shapes=len(pending) >= max_pending, stale=frozenset(queues) - shapes if shapes else frozenset())
         emit()
     if detector is not None:
         flush(all_shapes=True)

@@ -142,9 +142,7 @@ def test_default_set_fuses_both_models_and_a_missing_encoder_is_said_once(traine
     spec = weights / "detector.json"
     spec.write_text(json.dumps({"models": [{"name": "resnet", "weights": "resnet.safetensors"},
                                            {"name": "clip", "weights": "probe.safetensors"}], "fusion": "mean"}))
-    import detector.cli as cli
-
-    monkeypatch.setattr(cli, "DEFAULT_MODEL_SET", spec)
+    monkeypatch.setenv("DETECTOR_WEIGHTS", str(weights))  # a folder holding the default model set
     images = tmp_path / "images"
     images.mkdir()
     for p in table["path"][:4]:
