@@ -11,13 +11,16 @@ Published formats read here:
 Pickle-based files are read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain
 containers only and refuses any other object, so loading a checkpoint never executes its code.
 A state dict that does not fit the architecture exactly (missing, unexpected or mis-shaped keys)
-is refused, listing the keys: the tool must never run on random weights.
+is refused, listing the keys: the tool must never run on random weights. The project's metadata is
+checked against :func:`validate_metadata` before anything uses it, so a malformed file gives one
+:class:`CheckpointError` naming the field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -31,7 +34,7 @@ from safetensors.torch import load_file as _st_load
 from safetensors.torch import save_file as _st_save
 from torch import Tensor, nn
 
-from .models import create_model
+from .models import create_model, is_known_architecture
 
 __all__ = [
     "CheckpointError",
@@ -42,6 +45,7 @@ __all__ = [
     "read_metadata",
     "read_state_dict",
     "save_checkpoint",
+    "validate_metadata",
     "with_metadata",
 ]
 
@@ -183,6 +187,88 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     return _unwrap(obj, path), {}
 
 
+def _number(value: object) -> bool:
+    """A JSON number (bools are not), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _triple(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_number(v) for v in value)
+
+
+# Fields this package reads, and what each must be: (test, what it must be). Other fields are kept as
+# they are (any JSON), so that newer writers can add their own.
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "architecture": (is_known_architecture, "a known architecture (see `detector models`)"),
+    "format_version": (lambda v: _integer(v) and 1 <= v <= FORMAT_VERSION, f"an integer from 1 to {FORMAT_VERSION}"),
+    "placeholder": (lambda v: isinstance(v, bool), "true or false"),
+    "calibration": (lambda v: isinstance(v, dict), "an object"),
+    "calibration.temperature": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "calibration.threshold": (_number, "a finite number"),
+    "calibration.a": (_number, "a finite number"),
+    "calibration.b": (_number, "a finite number"),
+    "calibration.rule": (lambda v: isinstance(v, str), "a string"),
+    "model_config": (lambda v: isinstance(v, dict), "an object"),
+    "model_config.architecture": (is_known_architecture, "a known architecture (see `detector models`)"),
+    "model_config.mean": (_triple, "a list of three finite numbers"),
+    "model_config.std": (lambda v: _triple(v) and all(x > 0 for x in v), "a list of three finite numbers > 0"),
+    "model_config.output_stride": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "model_config.extra": (lambda v: isinstance(v, dict), "an object"),
+    "val_auc": (_number, "a finite number"),
+    "step": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "data": (lambda v: isinstance(v, dict), "an object"),
+    "git_commit": (lambda v: v is None or isinstance(v, str), "a string"),
+}
+
+
+def validate_metadata(metadata: object, where: str | os.PathLike = "checkpoint") -> dict:
+    """``metadata`` if it fits the schema of :data:`_FIELDS`, else :class:`CheckpointError` naming the field.
+
+    Absent fields take their defaults later (no calibration: temperature 1, threshold 0); fields
+    this package does not read may hold anything. ``model_config.architecture`` must equal
+    ``architecture`` when both are given.
+    """
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{where}: metadata must be a JSON object, got {type(metadata).__name__}")
+    for name, (test, wanted) in _FIELDS.items():
+        parent, _, key = name.rpartition(".")
+        holder = metadata.get(parent) if parent else metadata
+        if not isinstance(holder, dict) or key not in holder:
+            continue
+        value = holder[key]
+        if not test(value):
+            shown = json.dumps(value, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise CheckpointError(f"{where}: metadata field {name!r} must be {wanted}, got {shown}")
+    config = metadata.get("model_config")
+    if isinstance(config, dict) and "architecture" in config and "architecture" in metadata \
+            and config["architecture"] != metadata["architecture"]:
+        raise CheckpointError(f"{where}: metadata field 'model_config.architecture' ({config['architecture']!r}) "
+                              f"contradicts 'architecture' ({metadata['architecture']!r})")
+    return metadata
+
+
+def _check_config(model: nn.Module, metadata: dict, path: Path) -> None:
+    """The preprocessing the checkpoint records must be the one its architecture builds (else the
+    weights would run on differently normalised input)."""
+    stored = metadata.get("model_config") or {}
+    built = model.config.to_dict()
+    for key in ("mean", "std", "output_stride"):
+        if key in stored and not _same(stored[key], built[key]):
+            raise CheckpointError(f"{path}: metadata field 'model_config.{key}' is {stored[key]}, but architecture "
+                                  f"{model.config.architecture!r} uses {built[key]}")
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
+    return a == b
+
+
 def _check_fit(model: nn.Module, state: Mapping[str, Tensor], path: Path, architecture: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -214,6 +300,9 @@ def load_model(path: str | os.PathLike, architecture: str | None = None) -> tupl
     """
     path = Path(path)
     state, metadata = read_state_dict(path)
+    validate_metadata(metadata, path)
+    if architecture is not None and not is_known_architecture(architecture):
+        raise CheckpointError(f"unknown architecture {architecture!r} (see `detector models`)")
     arch = architecture or metadata.get("architecture") or "resnet50nodown"
     if metadata.get("architecture") and architecture and architecture != metadata["architecture"]:
         raise CheckpointError(
@@ -225,6 +314,7 @@ def load_model(path: str | os.PathLike, architecture: str | None = None) -> tupl
         if not any(k.startswith("net.") for k in state):
             state = {f"net.{k}": v for k, v in state.items()}
     _check_fit(model, state, path, arch)
+    _check_config(model, metadata, path)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.eval()
     info = CheckpointInfo(path=str(path), sha256=file_sha256(path), architecture=arch, metadata=metadata)

@@ -36,6 +36,7 @@ __all__ = [
     "Bottleneck",
     "TimmClassifier",
     "create_model",
+    "is_known_architecture",
     "list_models",
     "register_model",
 ]
@@ -305,6 +306,25 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_known_architecture(name: object) -> bool:
+    """Whether ``name`` is an architecture this package runs: a registered name, ``timm:NAME`` for a
+    model the installed timm knows, or ``clip-probe:BACKBONE`` (:mod:`detector.probe`). The one place
+    that decides it (checkpoint validation asks here)."""
+    if not isinstance(name, str):
+        return False
+    if name in _REGISTRY:
+        return True
+    if name.startswith("clip-probe:"):  # a linear probe on a frozen encoder (detector.probe), not built here
+        return name[len("clip-probe:"):].startswith(("clip:onnx:", "clip:open_clip:"))
+    if name.startswith("timm:") and len(name) > len("timm:"):
+        try:
+            import timm
+        except ImportError:
+            return False
+        return bool(timm.is_model(name[len("timm:") :]))
+    return False
+
+
 def create_model(name: str = "resnet50nodown") -> nn.Module:
     """Build an untrained model by name and attach its :class:`ModelConfig` as ``model.config``.
 
@@ -312,6 +332,8 @@ def create_model(name: str = "resnet50nodown") -> nn.Module:
     with a single-logit head. Weights are never downloaded: load them with
     :func:`detector.checkpoints.load_model`.
     """
+    if not is_known_architecture(name):
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(list_models())}, or timm:NAME")
     if name.startswith("timm:"):
         model: nn.Module = TimmClassifier(name[len("timm:") :])
         cfg = getattr(model.net, "pretrained_cfg", {}) or {}
@@ -321,10 +343,8 @@ def create_model(name: str = "resnet50nodown") -> nn.Module:
             std=tuple(cfg.get("std", IMAGENET_STD)),
             output_stride=model.output_stride,
         )
-    elif name in _REGISTRY:
+    else:
         model = _REGISTRY[name]()
         config = ModelConfig(architecture=name, output_stride=model.output_stride)
-    else:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(list_models())}, or timm:NAME")
     model.config = config
     return model
