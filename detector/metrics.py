@@ -230,7 +230,7 @@ def summary(
         lo, hi = auc_interval(y, s, n_boot=n_boot, seed=seed) if n_boot else (float("nan"), float("nan"))
         eer, eer_t = equal_error_rate(y, s)
         best_acc, best_t = best_threshold(y, s)
-        p = sigmoid(s, temperature)
+        p = sigmoid(s - threshold, temperature)  # the calibrated probability: 0.5 at the threshold
         out = {
             "n_real": int((y == 0).sum()),
             "n_fake": int((y == 1).sum()),

@@ -243,11 +243,12 @@ def _histogram(probabilities: Sequence[tuple[float, str]], threshold: float | No
 
 
 def _probability_threshold(detector: dict) -> float | None:
-    """The calibrated threshold on the probability scale: sigmoid(threshold / temperature)."""
+    """The calibrated threshold on the probability scale: 0.5, where the logit reaches the threshold
+    (see :meth:`detector.checkpoints.CheckpointInfo.probability`); None when the record has none."""
     t, temp = _float(str(detector.get("threshold"))), _float(str(detector.get("temperature")))
     if t is None or not temp:
         return None
-    return 1.0 / (1.0 + math.exp(-t / temp))
+    return 0.5
 
 
 def _detectors(record: dict) -> list[dict]:
@@ -443,15 +444,16 @@ def _worst(scores: Path, run: dict) -> str:
     spec = next((m for m in run.get("models", []) if isinstance(m, dict) and m.get("name") == model), {})
     temperature = _float(str(spec.get("temperature"))) or 1.0
     threshold = _float(str(spec.get("threshold")))
-    parts = [f'<p class="hint">Ranked by <code>{_esc(column)}</code>; the probability is sigmoid(logit / '
-             f"{temperature:.3g}).</p>"]
+    parts = [f'<p class="hint">Ranked by <code>{_esc(column)}</code>; the probability is sigmoid((logit - '
+             f"{threshold or 0:.3g}) / {temperature:.3g}).</p>"]
     for label, name, reverse in (("0", "Reals scored most fake", True), ("1", "Fakes scored most real", False)):
         scored = [(v, r) for r in rows if r.get("label") == label and (v := _float(r.get(column))) is not None]
         scored.sort(key=lambda item: item[0], reverse=reverse)
         table_rows = []
         for logit, r in scored[:WORST_PER_CLASS]:
             path = r.get("path", "")
-            probability = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit / temperature))))
+            margin = (logit - (threshold or 0.0)) / temperature
+            probability = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin))))
             table_rows.append(
                 f'<tr><td class="thumb">{_img(_thumbnail(path), os.path.basename(path), "file not found")}</td>'
                 f'<td class="file" title="{_esc(path)}">{_esc(os.path.basename(path))}</td>'

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from ..fusion import FUSION_RULES
+from ..fusion import FUSION_RULES, MODEL_FUSION_RULES
 from ..images import DEFAULT_MAX_PIXELS, gaussian_blur, reencode_jpeg
 from ..patches import PatchSettings
 
@@ -23,7 +23,6 @@ __all__ = ["CLEAN", "MODEL_FUSION_RULES", "PERTURBATION_KINDS", "EvalOptions", "
            "parse_perturbations", "preprocess"]
 
 CLEAN = "none"
-MODEL_FUSION_RULES = ("mean", "max", "soft-or")
 PERTURBATION_KINDS = ("jpeg", "resize", "blur", "crop")
 
 

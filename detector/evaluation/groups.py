@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
-from .conditions import MODEL_FUSION_RULES
+from ..fusion import fuse_margins
 
 __all__ = ["METRIC_COLUMNS", "Group", "ModelSpec", "breakdown_groups", "fuse_models", "group_metrics",
            "metric_groups", "model_names", "size_bucket", "with_fusion"]
@@ -52,34 +52,21 @@ def model_names(stems: Sequence[str]) -> list[str]:
     return names
 
 
-def _fuse_rows(z: np.ndarray, rule: str) -> np.ndarray:
-    if rule == "mean":
-        return z.mean(axis=1)
-    if rule == "max":
-        return z.max(axis=1)
-    if rule == "soft-or":
-        # log prod(1 - p_i) = -sum softplus(z_i); logit(1 - prod(1 - p_i)) = log(1 - e^s) - s
-        with np.errstate(invalid="ignore"):  # NaN rows (unreadable files) stay NaN
-            s = -np.logaddexp(0.0, z).sum(axis=1)
-            return np.log(-np.expm1(np.minimum(s, -1e-300))) - s
-    raise ValueError(f"model fusion must be one of {MODEL_FUSION_RULES}, got {rule!r}")
-
-
 def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "mean") -> tuple[np.ndarray, ModelSpec]:
-    """Fuse the logits ``(n_images, n_models)`` of several models into one logit per image.
+    """Fuse the logits ``(n_images, n_models)`` of several models into one calibrated logit per image.
 
-    Each model's logits (and threshold) are divided by its temperature, then ``rule`` (``mean``,
-    ``max`` or ``soft-or``) combines them. Returns the fused logits and the fused model (name
-    ``fused``, its threshold the rule applied to the thresholds, temperature 1). A NaN in a row
-    gives NaN.
+    Each model's logit becomes its calibrated margin ``(logit - threshold) / temperature`` (0 is
+    its own decision point), and ``rule`` fuses the margins (:func:`detector.fusion.fuse_margins`),
+    as ``scan`` does. Returns the fused margins and the fused model (name ``fused``, threshold 0,
+    temperature 1). A NaN in a row gives NaN.
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != len(models):
         raise ValueError(f"logits must be (n_images, {len(models)}), got {z.shape}")
-    temperatures = np.array([m.temperature for m in models], dtype=np.float64)
-    thresholds = np.array([[m.threshold for m in models]], dtype=np.float64) / temperatures
-    fused = _fuse_rows(z / temperatures, rule)
-    return fused, ModelSpec("fused", threshold=float(_fuse_rows(thresholds, rule)[0]), temperature=1.0)
+    thresholds = np.array([[m.threshold for m in models]], dtype=np.float64)
+    temperatures = np.array([[m.temperature for m in models]], dtype=np.float64)
+    fused = fuse_margins((z - thresholds) / temperatures, rule)
+    return fused, ModelSpec("fused", threshold=0.0, temperature=1.0)
 
 
 @dataclass(frozen=True)

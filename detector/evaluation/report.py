@@ -127,7 +127,10 @@ def write_report(
               "n_images": len(clean), "n_real": int((clean["label"] == 0).sum()),
               "n_fake": int((clean["label"] == 1).sum()), "n_errors": n_errors, "warnings": notes}
     _write_json(output_dir / "run.json", record)
-    written = sorted([*files, "metrics.json", "roc.png", "scores.png", "run.json"])
+    from ..report import evaluation_report
+
+    evaluation_report(output_dir)
+    written = sorted([*files, "metrics.json", "roc.png", "scores.png", "run.json", "report.html"])
     return EvalResult(output_dir=str(output_dir), metrics=metrics, warnings=notes, files=written,
                       n_images=len(clean), n_errors=n_errors)
 
