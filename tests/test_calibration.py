@@ -1,0 +1,68 @@
+"""One meaning for a verdict: Platt calibration, fitted on scores computed as scan computes them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from detector.checkpoints import load_model, save_checkpoint
+from detector.cli import main
+from detector.training.calibration import fit_calibration, fit_platt
+
+from .conftest import seeded_model
+
+
+def test_platt_matches_an_unregularised_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300), np.ones(300)]
+    s = np.r_[rng.normal(-1, 1.5, 300), rng.normal(2, 1.5, 300)] * 3 + 5
+    temperature, threshold = fit_platt(y, s)
+    lr = LogisticRegression(C=1e9, max_iter=1000).fit(s[:, None], y)
+    a, b = lr.coef_[0, 0], lr.intercept_[0]
+    assert temperature == pytest.approx(1 / a, rel=1e-3) and threshold == pytest.approx(-b / a, rel=1e-3)
+
+
+def test_a_score_that_does_not_separate_gets_uninformative_probabilities():
+    y = np.r_[np.zeros(50), np.ones(50)]
+    s = np.r_[np.linspace(1, 2, 50), np.linspace(0, 1, 50)]  # reals above fakes
+    cal = fit_calibration(y, s)
+    assert cal.temperature >= 50  # probabilities stay near 0.5
+
+
+def test_calibrate_then_scan_one_meaning_for_a_verdict(tmp_path, fixture_dir):
+    weights = tmp_path / "w.safetensors"
+    save_checkpoint(weights, seeded_model("resnet18nodown"), dtype=None)
+    runner = CliRunner()
+    common = ["--patch-size", "64", "--num-patches", "2", "--device", "cpu", "--precision", "fp32"]
+    out = tmp_path / "calibrated.safetensors"
+    done = runner.invoke(main, ["calibrate", str(weights), "--data", str(fixture_dir / "manifest.csv"), "-o", str(out),
+                                "-q", *common])
+    assert done.exit_code == 0, done.output
+    _, info = load_model(out)
+    cal = info.metadata["calibration"]
+    assert cal["rule"] == "platt" and cal["n_real"] == 12 and cal["n_fake"] == 12
+    assert cal["settings"]["patches"]["patch_size"] == 64 and cal["settings"]["fusion"] == "mean"
+
+    same = tmp_path / "same.csv"
+    done = runner.invoke(main, ["scan", str(fixture_dir), "--weights", str(out), "-o", str(same), "-q", "--workers", "0",
+                                *common])
+    assert done.exit_code == 0, done.output
+    assert "uncalibrated" not in done.output
+    assert json.loads((tmp_path / "same.csv.json").read_text())["probabilities_calibrated"] is True
+    df = pd.read_csv(same, keep_default_na=False)
+    assert len(df) == 24 and ((df["label"] == "fake") == (df["probability"] >= 0.5)).all()
+    assert df["probability"].between(0, 1).all() and df["probability"].nunique() > 1
+
+    other = tmp_path / "other.csv"
+    done = runner.invoke(main, ["scan", str(fixture_dir), "--weights", str(out), "-o", str(other), "-q", "--workers",
+                                "0", "--patch-size", "32", "--num-patches", "1", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert "uncalibrated for these settings" in done.output
+    record = json.loads((tmp_path / "other.csv.json").read_text())
+    assert record["probabilities_calibrated"] is False and record["uncalibrated_models"] == ["calibrated"]
