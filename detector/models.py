@@ -136,6 +136,18 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def npr_residual(x: Tensor) -> Tensor:
+    """``x`` minus its nearest-neighbour 2x down-then-up-sampled copy (Tan et al. 2024), any size.
+
+    Every pixel loses the top-left pixel of its 2x2 block, so the result is 0 there and the local
+    differences elsewhere; crops whose origins are even keep the same blocks as the whole image.
+    """
+    h, w = x.shape[-2:]
+    coarse = x[..., ::2, ::2]
+    up = coarse.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[..., :h, :w]
+    return x - up
+
+
 class ResNet(nn.Module):
     """ResNet with a configurable stem stride and a single-logit, fully convolutional head.
 
@@ -146,6 +158,11 @@ class ResNet(nn.Module):
             resolution (the no-downsample detector); 2 is the standard ResNet.
         num_classes: outputs of the head; the detector uses 1 (the logit of "generated").
         groups, width_per_group: ResNeXt cardinality and bottleneck width.
+        input_residual: ``"npr"`` feeds the network the neighbouring-pixel residual of Tan et al.
+            (CVPR 2024, "Rethinking the Up-Sampling Operations in CNN-based Generative Network for
+            Generalizable Deepfake Detection"): the image minus its nearest-neighbour 2x
+            down-then-up-sampled copy, which keeps the traces up-sampling leaves and drops content.
+            It has no parameters; the architecture's name says it (``*_npr``) and travels with the weights.
     """
 
     def __init__(
@@ -156,8 +173,12 @@ class ResNet(nn.Module):
         num_classes: int = 1,
         groups: int = 1,
         width_per_group: int = 64,
+        input_residual: str | None = None,
     ) -> None:
         super().__init__()
+        if input_residual not in (None, "npr"):
+            raise ValueError(f"input_residual must be None or 'npr', got {input_residual!r}")
+        self.input_residual = input_residual
         self.stride0 = stride0
         self.groups = groups
         self.base_width = width_per_group
@@ -206,7 +227,7 @@ class ResNet(nn.Module):
     @property
     def receptive_field(self) -> int:
         """Side in px of the input region that one logit-map cell sees (113 for resnet50nodown)."""
-        rf, jump = 1, 1
+        rf, jump = (2 if self.input_residual == "npr" else 1), 1  # NPR reads the top-left pixel of each 2x2 block
         for k, stride in ((7, self.stride0), (3, self.stride0)):
             rf, jump = rf + (k - 1) * jump, jump * stride
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -218,6 +239,8 @@ class ResNet(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The layer4 feature map, ``(N, C, ceil(H/s), ceil(W/s))`` with ``s = output_stride``."""
+        if self.input_residual == "npr":
+            x = npr_residual(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -290,10 +313,11 @@ _RESNET_SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], i
 
 def _register_resnets() -> None:
     for base, (block, layers, groups, width) in _RESNET_SPECS.items():
-        for suffix, stride0 in (("", 2), ("nodown", 1)):
+        for suffix, stride0, residual in (("", 2, None), ("nodown", 1, None), ("nodown_npr", 1, "npr")):
 
-            def build(block=block, layers=layers, groups=groups, width=width, stride0=stride0) -> ResNet:
-                return ResNet(block, layers, stride0=stride0, groups=groups, width_per_group=width)
+            def build(block=block, layers=layers, groups=groups, width=width, stride0=stride0, residual=residual) -> ResNet:
+                return ResNet(block, layers, stride0=stride0, groups=groups, width_per_group=width,
+                              input_residual=residual)
 
             register_model(base + suffix)(build)
 
@@ -334,6 +358,9 @@ def create_model(name: str = "resnet50nodown") -> nn.Module:
     """
     if not is_known_architecture(name):
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(list_models())}, or timm:NAME")
+    if name.startswith("clip-probe:"):
+        raise ValueError(f"{name!r} is a probe on a frozen encoder: load it with detector.inference.load_detector "
+                         f"or train it with `detector train --arch {name}`")
     if name.startswith("timm:"):
         model: nn.Module = TimmClassifier(name[len("timm:") :])
         cfg = getattr(model.net, "pretrained_cfg", {}) or {}
@@ -345,6 +372,8 @@ def create_model(name: str = "resnet50nodown") -> nn.Module:
         )
     else:
         model = _REGISTRY[name]()
-        config = ModelConfig(architecture=name, output_stride=model.output_stride)
+        residual = getattr(model, "input_residual", None)
+        config = ModelConfig(architecture=name, output_stride=model.output_stride,
+                             extra={"input": residual} if residual else {})
     model.config = config
     return model

@@ -65,3 +65,27 @@ def test_timm_model_by_name():
 def test_unknown_architecture_is_named():
     with pytest.raises(ValueError, match="resnet51"):
         create_model("resnet51")
+
+
+def test_npr_input_is_the_neighbouring_pixel_residual_and_travels_with_the_weights(tmp_path):
+    import torch
+
+    from detector.checkpoints import load_model, save_checkpoint
+    from detector.models import npr_residual
+
+    x = torch.rand(1, 3, 9, 12)
+    r = npr_residual(x)
+    assert torch.all(r[..., ::2, ::2] == 0)
+    assert torch.allclose(r[..., 1, 3], x[..., 1, 3] - x[..., 0, 2])
+    assert torch.equal(npr_residual(x[..., 2:8, 4:10]), r[..., 2:8, 4:10])  # even crops keep their blocks
+    model = create_model("resnet18nodown_npr")
+    assert model.config.extra == {"input": "npr"} and model.receptive_field == create_model("resnet18nodown").receptive_field + 1
+    save_checkpoint(tmp_path / "npr.safetensors", model, dtype=None)
+    loaded, info = load_model(tmp_path / "npr.safetensors")
+    assert info.architecture == "resnet18nodown_npr" and loaded.input_residual == "npr"
+    plain = create_model("resnet18nodown")
+    plain.load_state_dict(loaded.state_dict())  # the same weights, fed the image instead of its residual
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(loaded(image), plain.eval()(image))
+        assert torch.allclose(loaded(image), plain(npr_residual(image)))
