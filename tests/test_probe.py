@@ -177,3 +177,26 @@ def test_default_set_fuses_both_models_and_a_missing_encoder_is_said_once(traine
 
 def _missing_encoder(name, fingerprint, checkpoint):
     raise BackboneError(f"the CLIP encoder of {checkpoint.name} (clip_vitb16.int8.onnx) is missing.")
+
+
+def test_evaluate_scores_the_probe_beside_the_resnet_and_fuses_them(trained_probe, tmp_path):
+    path, _, table = trained_probe
+    resnet = tmp_path / "resnet.safetensors"
+    save_checkpoint(resnet, seeded_model("resnet18nodown"), {"calibration": {"temperature": 2.0, "threshold": 0.1}},
+                    dtype=None)
+    out = tmp_path / "eval"
+    done = CliRunner().invoke(main, ["evaluate", str(table["path"].iloc[0]).rsplit("/", 2)[0] + "/manifest.csv",
+                                     "--weights", str(resnet), "--weights", str(path), "--fusion-models", "soft-or",
+                                     "-o", str(out), "-q", "--workers", "0", "--patch-size", "64", "--num-patches", "1",
+                                     "--device", "cpu", "--bootstrap", "50"])
+    assert done.exit_code == 0, done.output
+    scores = pd.read_csv(out / "scores.csv")
+    assert {"logit_resnet", "logit_probe", "logit_fused"} <= set(scores.columns)
+    direct = ProbeDetector.from_checkpoint(path, device="cpu")
+    row = scores.iloc[0]
+    assert row["logit_probe"] == pytest.approx(direct.predict(row["path"])[0], abs=1e-5)
+    margins = np.array([[(row["logit_resnet"] - 0.1) / 2.0, direct.info.margin(row["logit_probe"])]])
+    assert row["logit_fused"] == pytest.approx(fuse_margins(margins, "soft-or")[0], abs=1e-5)
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert any(g.startswith("real:") for g in metrics["group"].unique())  # one row per real-photo source
+    assert (out / "report.html").is_file()
