@@ -30,6 +30,9 @@ ARMS = {
     "embeds-resize1": dict(feature="embeds", views=1, view_mode="resize"),
     "cls-crop4": dict(feature="cls", views=4, view_mode="crop"),
     "embeds-crop4-trainq90": dict(feature="embeds", views=4, view_mode="crop", align_jpeg=90),
+    "cls-resize1": dict(feature="cls", views=1, view_mode="resize"),
+    "tokens-resize1": dict(feature="tokens", views=1, view_mode="resize"),
+    "embeds-resize1-trainq90": dict(feature="embeds", views=1, view_mode="resize", align_jpeg=90),
 }
 CONDITIONS = {"stored": dict(), "aligned": dict(center_crop=256, align_jpeg=90)}
 
