@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
 from .inference import Detector
 from .fusion import FUSION_RULES, combine_crops
-from .patches import PatchSettings
+from .patches import PatchSettings, relevant_settings
 from .workers import in_workers
 from .results import (
     ImageResult,
@@ -196,10 +196,14 @@ def scan_paths(
 
 
 def _scoring_settings(record: dict) -> tuple:
-    """What must not change between a scan and its resume: weights, architecture, precision, cuts, fusion."""
+    """What must not change between a scan and its resume: weights, architecture, precision, and the
+    cuts and patch fusion where they apply (patch options mean nothing in full mode, tile options
+    nothing in patches mode)."""
     d = record.get("detector", {})
-    return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"),
-            json.dumps(record.get("patches"), sort_keys=True), record.get("fusion"))
+    patches = relevant_settings(record.get("patches") or {})
+    fusion = record.get("fusion") if patches["mode"] == "patches" else None
+    return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"), json.dumps(patches, sort_keys=True),
+            fusion)
 
 
 def _run(todo, detector: Detector, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:
