@@ -27,10 +27,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from detector.inference import Detector
+    from detector.inference import Detector, tune_process
 
     det = Detector.from_checkpoint(ROOT / "weights" / "resnet50nodown_dev.safetensors", device="cpu",
                                    precision=args.precision)
+    tune_process(det.device)  # the kept heap of `detector scan`
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 3, args.size, args.size), dtype=np.uint8))
     print(f"{'batch':>5} {'s/image':>8} {'faults':>8} {'sys s':>6}  ({det.precision}, {args.size} px)")
     for bs in (1, 2, 4, 8, 16):

@@ -56,11 +56,12 @@ def make_jpeg(path: Path, width: int, height: int) -> None:
 
 
 def _child(image: str, mode: str, out: str) -> None:
-    from detector.inference import Detector
+    from detector.inference import Detector, tune_process
     from detector.patches import PatchSettings
     from detector.scanning import ScanOptions, scan
 
     det = Detector.from_checkpoint(ROOT / "weights" / "resnet50nodown_dev.safetensors")
+    tune_process(det.device)  # as `detector scan` does
     t0 = time.perf_counter()
     scan([image], det, Path(out).with_suffix(".csv"), ScanOptions(patches=PatchSettings(mode=mode), progress=False))
     seconds = time.perf_counter() - t0

@@ -92,10 +92,11 @@ def _child_naive(weights: str, folder: str, out: str) -> None:
 def _child_scan(weights: str, folder: str, out: str, precision: str) -> None:
     import pandas as pd
 
-    from detector.inference import Detector
+    from detector.inference import Detector, tune_process
     from detector.scanning import ScanOptions, scan
 
     det = Detector.from_checkpoint(weights, precision=precision)
+    tune_process(det.device)  # as `detector scan` does
     csv_path = Path(out).with_suffix(".csv")
     t0 = time.perf_counter()
     scan([folder], det, csv_path, ScanOptions(progress=False))

@@ -141,9 +141,30 @@ def _patch_options(f):
     return f
 
 
+# Options that apply in one mode only: (mode they need, parameter names).
+_MODE_ONLY = {"patches": ("patch_size", "num_patches", "layout", "fusion"), "full": ("tile_size", "tile_margin")}
+
+
+def _refuse_inapplicable(mode: str) -> None:
+    """Refuse options given for the other mode (defaults are fine): they would be silently ignored."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    for needed, names in _MODE_ONLY.items():
+        if needed == mode:
+            continue
+        given = [n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT,
+                                                                          ParameterSource.DEFAULT_MAP)]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            _fail(f"{flags} {'applies' if len(given) == 1 else 'apply'} to --mode {needed} only, not to --mode {mode}; "
+                  f"drop {'it' if len(given) == 1 else 'them'} or choose --mode {needed}")
+
+
 def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin):
     from .patches import PatchSettings
 
+    _refuse_inapplicable(mode)
     try:
         return PatchSettings(mode=mode, patch_size=patch_size, num_patches=num_patches, layout=layout, seed=seed,
                              tile_size=tile_size, margin=tile_margin)

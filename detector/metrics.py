@@ -21,6 +21,7 @@ __all__ = [
     "sigmoid",
     "auc",
     "auc_interval",
+    "mean_auc_interval",
     "average_precision",
     "accuracy_real",
     "accuracy_fake",
@@ -71,6 +72,29 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(y, s)) if _both_classes(y, "AUC") else float("nan")
 
 
+def _resampled_aucs(real: np.ndarray, fakes: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n_boot, len(fakes))`` AUCs of bootstrap resamples: one resample of the reals per replicate,
+    shared by every group, and one of each group's fakes."""
+    out = np.empty((n_boot, len(fakes)))
+    # Mann-Whitney form of the AUC on all resamples at once (ties count one half, as in sklearn),
+    # in chunks that keep the rank matrix small.
+    chunk = max(1, 4_000_000 // (real.size + max(f.size for f in fakes)))
+    for start in range(0, n_boot, chunk):
+        n = min(chunk, n_boot - start)
+        r = real[rng.integers(0, real.size, (n, real.size))]
+        for g, fake in enumerate(fakes):
+            f = fake[rng.integers(0, fake.size, (n, fake.size))]
+            ranks = rankdata(np.concatenate([r, f], axis=1), axis=1)
+            fake_ranks = ranks[:, real.size :].sum(axis=1)
+            out[start : start + n, g] = (fake_ranks - fake.size * (fake.size + 1) / 2) / (real.size * fake.size)
+    return out
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+
+
 def auc_interval(
     labels: np.ndarray, scores: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
@@ -78,21 +102,27 @@ def auc_interval(
     y, s = _check(labels, scores)
     if not _both_classes(y, "AUC interval"):
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    real, fake = s[y == 0], s[y == 1]
-    values = np.empty(n_boot)
-    # Mann-Whitney form of the AUC on all resamples at once (ties count one half, as in sklearn),
-    # in chunks that keep the rank matrix small.
-    chunk = max(1, 4_000_000 // (real.size + fake.size))
-    for start in range(0, n_boot, chunk):
-        n = min(chunk, n_boot - start)
-        r = real[rng.integers(0, real.size, (n, real.size))]
-        f = fake[rng.integers(0, fake.size, (n, fake.size))]
-        ranks = rankdata(np.concatenate([r, f], axis=1), axis=1)
-        fake_ranks = ranks[:, real.size :].sum(axis=1)
-        values[start : start + n] = (fake_ranks - fake.size * (fake.size + 1) / 2) / (real.size * fake.size)
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+    aucs = _resampled_aucs(s[y == 0], [s[y == 1]], n_boot, np.random.default_rng(seed))
+    return _percentiles(aucs[:, 0], level)
+
+
+def mean_auc_interval(
+    real: np.ndarray, fakes: list[np.ndarray], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over groups of AUC(reals, group's fakes).
+
+    The interval of Corvi et al.'s ``average`` row: each replicate resamples the pooled reals once
+    (every group is measured against them) and each group's fakes, then averages the groups' AUCs.
+    NaN when there are no reals or a group has no fakes.
+    """
+    real = np.asarray(real, dtype=np.float64)
+    fakes = [np.asarray(f, dtype=np.float64) for f in fakes]
+    if not fakes or real.size == 0 or any(f.size == 0 for f in fakes) or n_boot < 1:
+        return float("nan"), float("nan")
+    if not (np.isfinite(real).all() and all(np.isfinite(f).all() for f in fakes)):
+        raise ValueError("scores contain NaN or infinity")
+    aucs = _resampled_aucs(real, fakes, n_boot, np.random.default_rng(seed))
+    return _percentiles(aucs.mean(axis=1), level)
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Crop", "PatchSettings", "encoder_views", "full_plan", "patch_plan", "map_cells"]
+__all__ = ["Crop", "PatchSettings", "encoder_views", "full_plan", "patch_plan", "map_cells", "relevant_settings"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,15 @@ def map_cells(crop: Crop, stride: int) -> tuple[slice, slice]:
 
 MODES = ("full", "patches")
 LAYOUTS = ("grid", "random")
+# The fields of PatchSettings that change the crops in each mode (the others are ignored there).
+MODE_FIELDS = {"full": ("tile_size", "margin"), "patches": ("patch_size", "num_patches", "layout", "seed")}
+
+
+def relevant_settings(settings: dict) -> dict:
+    """``mode`` and the fields of a :class:`PatchSettings` dict that apply in that mode: what resume
+    checks and cache keys compare, so that an option without effect never makes a score differ."""
+    mode = settings.get("mode")
+    return {"mode": mode, **{k: settings.get(k) for k in MODE_FIELDS.get(mode, ())}}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
 from .metrics import sigmoid
 from .fusion import FUSION_RULES, combine_crops
 from .inference import Detector, Ensemble
-from .patches import PatchSettings, encoder_views
+from .patches import PatchSettings, encoder_views, relevant_settings
 from .workers import in_workers
 from .results import (
     ImageResult,
@@ -91,11 +91,17 @@ class ScanSummary:
 
 
 def uncalibrated_members(ensemble: Ensemble, patches: dict | None, fusion: str) -> list[str]:
-    """Names of the members whose stored calibration was fitted with other cutting settings."""
+    """Names of the members whose stored calibration was fitted with other cutting settings (only
+    the settings that apply in the mode count, see :func:`detector.patches.relevant_settings`)."""
+
+    def key(cuts: dict | None, rule: str | None) -> tuple:
+        relevant = relevant_settings(cuts or {})
+        return json.dumps(relevant, sort_keys=True), rule if relevant["mode"] == "patches" else None
+
     names = []
     for name, member in zip(ensemble.names, ensemble.members):
         fitted = (member.info.metadata.get("calibration") or {}).get("settings") if member.info else None
-        if member is ensemble.conv and (not fitted or fitted != {"patches": patches, "fusion": fusion}):
+        if member is ensemble.conv and (not fitted or key(fitted.get("patches"), fitted.get("fusion")) != key(patches, fusion)):
             names.append(name)
     return names
 
@@ -252,10 +258,14 @@ def scan_paths(
 
 
 def _scoring_settings(record: dict) -> tuple:
-    """What must not change between a scan and its resume: weights, architecture, precision, cuts, fusion."""
+    """What must not change between a scan and its resume: weights, architecture, precision, and the
+    cuts and patch fusion where they apply (patch options mean nothing in full mode, tile options
+    nothing in patches mode)."""
     d = record.get("detector", {})
-    return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"),
-            json.dumps(record.get("patches"), sort_keys=True), record.get("fusion"))
+    patches = relevant_settings(record.get("patches") or {})
+    fusion = record.get("fusion") if patches["mode"] == "patches" else None
+    return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"), json.dumps(patches, sort_keys=True),
+            fusion)
 
 
 def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:

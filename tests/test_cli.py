@@ -64,3 +64,52 @@ def test_info_shows_calibration(checkpoint):
     result = CliRunner().invoke(main, ["info", str(checkpoint)])
     assert result.exit_code == 0, result.output
     assert "resnet50nodown" in result.output and "sha256" in result.output and "temperature 1" in result.output
+
+
+@pytest.mark.parametrize("command", ["scan", "evaluate"])
+@pytest.mark.parametrize("mode, options, named", [
+    ("full", ["--fusion", "max"], "--fusion applies to --mode patches only"),
+    ("full", ["--num-patches", "4", "--patch-size", "64"], "--patch-size, --num-patches apply to --mode patches only"),
+    ("full", ["--layout", "random"], "--layout applies to --mode patches only"),
+    ("patches", ["--tile-size", "256"], "--tile-size applies to --mode full only"),
+    ("patches", ["--tile-margin", "32"], "--tile-margin applies to --mode full only"),
+])
+def test_options_of_the_other_mode_are_refused(tmp_path, checkpoint, command, mode, options, named):
+    out = ["-o", str(tmp_path / ("out.csv" if command == "scan" else "out"))]
+    result = CliRunner().invoke(main, [command, str(tmp_path), "--weights", str(checkpoint), "--mode", mode, *options, *out])
+    assert result.exit_code == 1 and named in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out").exists()
+
+
+def test_options_without_effect_do_not_enter_resume_or_cache_keys(tmp_path, checkpoint):
+    from detector.evaluation import EvalOptions, settings_key
+    from detector.inference import Detector
+    from detector.patches import PatchSettings
+    from detector.scanning import ScanOptions, scan
+
+    model = {"weights_sha256": "ab" * 32, "architecture": "a", "device": "cpu", "precision": "fp32", "torch": "2"}
+    full, other_full = PatchSettings(mode="full"), PatchSettings(mode="full", patch_size=64, num_patches=2, layout="random")
+    key = settings_key(model, EvalOptions(patches=full), "none")
+    assert settings_key(model, EvalOptions(patches=other_full, fusion="max"), "none") == key
+    assert settings_key(model, EvalOptions(patches=PatchSettings(mode="full", tile_size=256)), "none") != key
+    patches = settings_key(model, EvalOptions(patches=PatchSettings()), "none")
+    assert settings_key(model, EvalOptions(patches=PatchSettings(tile_size=96, margin=8)), "none") == patches
+    assert settings_key(model, EvalOptions(patches=PatchSettings(), fusion="max"), "none") != patches
+
+    from PIL import Image
+
+    from tests.conftest import noise_image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(noise_image(40, 48)).save(tmp_path / "in" / "a.png")
+    Image.fromarray(noise_image(40, 48, 1)).save(tmp_path / "in" / "b.png")
+    det = Detector.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    out = tmp_path / "s.csv"
+    scan([tmp_path / "in" / "a.png"], det, out, ScanOptions(patches=full, workers=0, progress=False))
+    # a resume whose patch options and fusion differ, in full mode where they mean nothing, goes on
+    resumed = scan([tmp_path / "in"], det, out, ScanOptions(patches=other_full, fusion="max", workers=0, progress=False,
+                                                            resume=True))
+    assert resumed.n_skipped == 1 and resumed.n_real + resumed.n_fake == 1
+    with pytest.raises(ValueError, match="other weights or settings"):
+        scan([tmp_path / "in"], det, out, ScanOptions(patches=PatchSettings(mode="full", tile_size=16), workers=0,
+                                                      progress=False, resume=True))

@@ -237,3 +237,41 @@ def test_atomic_write_keeps_old_content_on_error(tmp_path):
         atomic_write(path, broken)
     assert path.read_text() == "epoch,auc\n1,0.9\n"
     assert [p.name for p in tmp_path.iterdir()] == ["history.csv"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and SIGKILL")
+@pytest.mark.timeout(300)
+def test_killed_evaluation_reruns_to_the_same_metrics(tmp_path, tiny_checkpoint):
+    """`detector evaluate` SIGKILLed once its score cache holds a part, then run again: the same metrics.csv."""
+    data = tmp_path / "bench"
+    for k in range(150):
+        folder = data / ("real" if k % 2 else f"gen{k % 4}")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noise_image(32, 32, 300 + k)).save(folder / f"{k:03d}.png")
+    # the command line in a fresh interpreter, with the tiny test architecture registered
+    cli = ("import sys; from detector import models; from tests.conftest import TINY, TinyNoDown; "
+           "models._REGISTRY[TINY] = TinyNoDown; from detector.cli import main; main(sys.argv[1:])")
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-c", cli, "evaluate", str(data), "--weights", str(tiny_checkpoint), "-o", str(out),
+                "--patch-size", "32", "--num-patches", "1", "--batch-size", "1", "--workers", "1", "--bootstrap", "50",
+                "--device", "cpu", "--precision", "fp32", "-q"]
+
+    reference = subprocess.run(command(tmp_path / "reference"), cwd=ROOT, capture_output=True, timeout=200)
+    assert reference.returncode == 0, reference.stderr.decode(errors="replace")[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not list((out / "cache").glob("part-*.csv")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the evaluation finished before it could be killed"
+    assert _wait_gone(out) == [], "decoding workers of a killed evaluation are still running"
+    assert not (out / "metrics.csv").exists()
+
+    again = subprocess.run(command(out), cwd=ROOT, capture_output=True, timeout=200)
+    assert again.returncode == 0, again.stderr.decode(errors="replace")[-2000:]
+    reused = int(again.stderr.decode().split(" taken from the cache")[0].rsplit(" ", 1)[-1])
+    assert 0 < reused < 150  # the rerun continued from the killed run's cache
+    assert (out / "metrics.csv").read_bytes() == (tmp_path / "reference" / "metrics.csv").read_bytes()
+    assert (out / "scores.csv").read_bytes() == (tmp_path / "reference" / "scores.csv").read_bytes()

@@ -199,6 +199,25 @@ def test_per_generator_rows_pool_all_reals():
     assert not any(g.startswith("family:") for g in tidy["group"])  # family = generator: no family rows
 
 
+def test_average_interval_is_a_bootstrap_of_the_mean():
+    df = _synthetic()
+    tidy = group_metrics(df, [ModelSpec("m")], metric_groups(df), n_boot=300, seed=4)
+    value = tidy.set_index(["group", "metric"])["value"]
+    reals = df.loc[df["label"] == 0, "logit_m"].to_numpy()
+    fakes = [df.loc[df["generator"] == g, "logit_m"].to_numpy() for g in ("g1", "g2")]
+    # by hand: one resample of the reals per replicate, shared by both generators, then the mean AUC
+    rng = np.random.default_rng(4)
+    r = reals[rng.integers(0, 30, (300, 30))]
+    f = [g[rng.integers(0, g.size, (300, g.size))] for g in fakes]
+    means = [np.mean([roc_auc_score(np.r_[np.zeros(30), np.ones(fg[i].size)], np.r_[r[i], fg[i]]) for fg in f])
+             for i in range(300)]
+    assert value[("average", "auc_low")] == pytest.approx(np.quantile(means, 0.025))
+    assert value[("average", "auc_high")] == pytest.approx(np.quantile(means, 0.975))
+    # not the mean of the per-generator bounds (what it was): the mean of two AUCs varies less than either
+    assert value[("average", "auc_high")] - value[("average", "auc_low")] < \
+        ((value[("g1", "auc_high")] - value[("g1", "auc_low")]) + (value[("g2", "auc_high")] - value[("g2", "auc_low")])) / 2
+
+
 def test_metrics_equal_sklearn_on_scores_csv(run):
     out, _, _ = run
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
@@ -374,12 +393,13 @@ def test_perturbations_parse_and_are_seeded_per_content():
 def test_fuse_models_hand_cases():
     a, b = ModelSpec("a"), ModelSpec("b", threshold=1.0, temperature=2.0)
     logits = np.array([[0.0, 0.0], [2.0, 4.0], [np.nan, 1.0]])
+    # calibrated margins (logit - threshold) / temperature: a [0, 2], b [-0.5, 1.5]
     mean, spec = fuse_models(logits, [a, b], "mean")
-    np.testing.assert_allclose(mean[:2], [0.0, 2.0])
-    assert np.isnan(mean[2]) and spec.threshold == pytest.approx(0.25) and spec.temperature == 1.0
+    np.testing.assert_allclose(mean[:2], [-0.25, 1.75])
+    assert np.isnan(mean[2]) and spec.threshold == 0.0 and spec.temperature == 1.0
     top, spec = fuse_models(logits, [a, b], "max")
     np.testing.assert_allclose(top[:2], [0.0, 2.0])
-    assert spec.threshold == pytest.approx(0.5)
+    assert spec.threshold == 0.0
     soft, _ = fuse_models(np.zeros((1, 2)), [a, a], "soft-or")
     assert soft[0] == pytest.approx(math.log(3))  # 1 - (1/2)(1/2) = 3/4, logit log 3
     with warnings.catch_warnings():
@@ -388,6 +408,18 @@ def test_fuse_models_hand_cases():
     assert np.isfinite(extreme).all() and extreme[1] > 100
     with pytest.raises(ValueError, match="model fusion"):
         fuse_models(logits, [a, b], "median")
+
+
+def test_fused_max_and_soft_or_say_fake_when_a_model_does():
+    """With different thresholds, fusing thresholds would overrule a model that says "generated"."""
+    a, b = ModelSpec("a", threshold=0.0), ModelSpec("b", threshold=3.0)
+    logits = np.array([[1.0, -5.0], [-1.0, 3.5], [-1.0, 2.0]])  # a says fake; b says fake; neither does
+    says_fake = [(logits[:, k] >= m.threshold) for k, m in enumerate((a, b))]
+    for rule in ("max", "soft-or"):
+        fused, spec = fuse_models(logits, [a, b], rule)
+        np.testing.assert_array_equal(fused[:2] >= spec.threshold, [True, True])
+        if rule == "max":
+            np.testing.assert_array_equal(fused >= spec.threshold, says_fake[0] | says_fake[1])
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -430,3 +462,17 @@ def test_evaluate_help_documents_every_option():
     for opt in ("--weights", "--output-dir", "--labels", "--fusion-models", "--align-jpeg", "--center-crop", "--perturb",
                 "--bootstrap", "--mode", "--patch-size", "--num-patches", "--fusion", "--workers", "--precision"):
         assert opt in out, opt
+
+
+def test_cache_key_covers_version_device_and_precision(monkeypatch):
+    from detector.evaluation import cache, settings_key
+
+    model = {"weights_sha256": "ab" * 32, "architecture": "resnet50nodown", "device": "cpu", "precision": "fp32",
+             "torch": "2.14.1", "weights": "/somewhere/w.safetensors"}
+    key = settings_key(model, FAST, "none")
+    assert settings_key({**model, "weights": "/elsewhere/w.safetensors"}, FAST, "none") == key  # the path does not count
+    for field, other in (("device", "cuda:0"), ("precision", "bf16"), ("torch", "2.15.0"), ("weights_sha256", "cd" * 32)):
+        assert settings_key({**model, field: other}, FAST, "none") != key, field
+    assert settings_key(model, FAST, "jpeg:90") != key
+    monkeypatch.setattr(cache, "_package_version", lambda: "99.0")
+    assert settings_key(model, FAST, "none") != key

@@ -26,14 +26,14 @@ Preprocessing, identical for both classes: decode (no resizing) -> ``center_crop
 the images after the first three steps; each perturbation of the robustness sweep is another
 condition, seeded per file content, so that a real and a fake get the same treatment.
 
-Model fusion (several ``--weights``): each model's logit is first divided by its temperature; the
-rule (``mean``, ``max``, or ``soft-or``: the probability that at least one model says "generated",
-``1 - prod(1 - p_i)``) is applied to those logits and, alike, to the models' thresholds, which gives
-the fused model's threshold (its temperature is 1).
+Model fusion (several ``--weights``): each model's logit becomes its calibrated margin
+``(logit - threshold) / temperature``, positive exactly where that model says "generated"; the rule
+(``mean``, ``max``, or ``soft-or``: the probability that at least one model says "generated",
+``1 - prod(1 - p_i)``) combines the margins, and the fused model's threshold is 0 (temperature 1).
 
 The cache (``cache/`` in the output folder) maps (file content sha256, settings key) to a logit.
-The settings key covers the weights' sha256, architecture, precision, every patch and preprocessing
-setting, the seed and the condition, so a cached score is reused only where it would come out the
+The settings key covers the package and torch versions, the weights' sha256, architecture, device,
+precision, every patch and preprocessing setting, the seed and the condition, so a cached score is reused only where it would come out the
 same. Scores go to new part files written whole with :func:`~detector.checkpoints.atomic_write`;
 every row carries a CRC, so a damaged part costs only its damaged rows, which are scored again.
 """

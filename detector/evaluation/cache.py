@@ -1,7 +1,7 @@
 """The score cache: logits keyed by (file content sha256, settings key), kept as CSV parts.
 
-The settings key covers the weights' sha256, architecture, precision, every patch and preprocessing
-setting, the seed and the condition, so a cached score is reused only where it would come out the
+The settings key covers the package and torch versions, the weights' sha256, architecture, device,
+precision, every patch and preprocessing setting, the seed and the condition, so a cached score is reused only where it would come out the
 same. Scores go to new part files written whole with :func:`~detector.checkpoints.atomic_write`;
 every row carries a CRC, so a damaged part costs only its damaged rows, which are scored again.
 """
@@ -14,6 +14,7 @@ import json
 import os
 import time
 import zlib
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Sequence
 
@@ -23,14 +24,23 @@ from .conditions import EvalOptions
 __all__ = ["ScoreCache", "settings_key"]
 
 
+def _package_version() -> str:
+    try:
+        return importlib_metadata.version("detector")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def settings_key(model: dict, options: EvalOptions, condition: str) -> str:
     """The cache key of a model's scores under ``options`` and ``condition`` (a hex digest).
 
-    ``model`` is :meth:`Detector.describe`: its weights sha256, architecture and precision count,
-    its device and file path do not.
+    ``model`` is :meth:`Detector.describe`: its weights sha256, architecture, device, precision and
+    torch version count, its file path does not; so does this package's version, since a new
+    version may compute a score differently.
     """
     payload = {"weights_sha256": model.get("weights_sha256"), "architecture": model.get("architecture"),
-               "precision": model.get("precision"), "scoring": options.scoring_settings(), "condition": condition}
+               "device": model.get("device"), "precision": model.get("precision"), "torch": model.get("torch"),
+               "detector": _package_version(), "scoring": options.scoring_settings(), "condition": condition}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 
 

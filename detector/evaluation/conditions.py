@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..fusion import FUSION_RULES, MODEL_FUSION_RULES
 from ..images import DEFAULT_MAX_PIXELS, gaussian_blur, reencode_jpeg
-from ..patches import PatchSettings
+from ..patches import PatchSettings, relevant_settings
 
 __all__ = ["CLEAN", "MODEL_FUSION_RULES", "PERTURBATION_KINDS", "EvalOptions", "Perturbation", "condition_rng",
            "parse_perturbations", "preprocess"]
@@ -125,7 +125,9 @@ class EvalOptions:
 
     def scoring_settings(self) -> dict:
         """Everything besides the model and the condition that can change a logit."""
-        return {"patches": asdict(self.patches), "fusion": self.fusion, "max_pixels": self.max_pixels,
+        patches = relevant_settings(asdict(self.patches))  # options without effect in the mode do not count
+        return {"patches": patches, "fusion": self.fusion if self.patches.mode == "patches" else None,
+                "max_pixels": self.max_pixels,
                 "align_jpeg": self.align_jpeg, "center_crop": self.center_crop, "seed": self.seed}
 
     def to_dict(self) -> dict:

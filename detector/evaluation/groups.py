@@ -38,6 +38,11 @@ class ModelSpec:
     def column(self) -> str:
         return f"logit_{self.name}"
 
+    def margin(self, logits: np.ndarray) -> np.ndarray:
+        """The calibrated margin ``(logit - threshold) / temperature``: the logit of the calibrated
+        probability, positive exactly where the model says "generated"."""
+        return (np.asarray(logits, dtype=np.float64) - self.threshold) / self.temperature
+
 
 def model_names(stems: Sequence[str]) -> list[str]:
     names: list[str] = []
@@ -55,18 +60,18 @@ def model_names(stems: Sequence[str]) -> list[str]:
 def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "mean") -> tuple[np.ndarray, ModelSpec]:
     """Fuse the logits ``(n_images, n_models)`` of several models into one calibrated logit per image.
 
-    Each model's logit becomes its calibrated margin ``(logit - threshold) / temperature`` (0 is
-    its own decision point), and ``rule`` fuses the margins (:func:`detector.fusion.fuse_margins`),
-    as ``scan`` does. Returns the fused margins and the fused model (name ``fused``, threshold 0,
-    temperature 1). A NaN in a row gives NaN.
+    Each model's logits become its calibrated margin (:meth:`ModelSpec.margin`), which is positive
+    exactly where that model says "generated"; ``rule`` (``mean``, ``max`` or ``soft-or``) combines
+    the margins with :func:`detector.fusion.fuse_margins`, as ``scan`` does. Returns the fused logits and the fused model (name ``fused``, threshold 0,
+    temperature 1): so ``max`` says "generated" exactly when some model does, and ``soft-or``
+    when ``1 - prod(1 - p_i) >= 0.5`` for the models' calibrated probabilities ``p_i``. A NaN in
+    a row gives NaN.
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != len(models):
         raise ValueError(f"logits must be (n_images, {len(models)}), got {z.shape}")
-    thresholds = np.array([[m.threshold for m in models]], dtype=np.float64)
-    temperatures = np.array([[m.temperature for m in models]], dtype=np.float64)
-    fused = fuse_margins((z - thresholds) / temperatures, rule)
-    return fused, ModelSpec("fused", threshold=0.0, temperature=1.0)
+    margins = np.stack([m.margin(z[:, k]) for k, m in enumerate(models)], axis=1)
+    return fuse_margins(margins, rule), ModelSpec("fused", threshold=0.0, temperature=1.0)
 
 
 @dataclass(frozen=True)
@@ -134,14 +139,15 @@ def group_metrics(
     """Tidy metrics (group, model, metric, value) of every group and model, via :func:`metrics.summary`.
 
     Rows whose logit is NaN (unreadable files) are left out. With ``average``, an ``average`` row
-    is the mean over the generator groups of each metric, except ``n_fake``, which is their sum.
+    is the mean over the generator groups of each metric, except ``n_fake``, which is their sum,
+    and the AUC interval, which is a bootstrap of the mean AUC (:func:`metrics.mean_auc_interval`).
     """
     labels = df["label"].to_numpy(dtype=int)
     rows = []
     for model in models:
         scores = df[model.column].to_numpy(dtype=np.float64)
         valid = np.isfinite(scores)
-        per_generator = []
+        per_generator, generator_fakes = [], []
         for group in groups:
             keep = group.mask & valid
             values = M.summary(labels[keep], scores[keep], threshold=model.threshold, temperature=model.temperature,
@@ -149,9 +155,12 @@ def group_metrics(
             rows.extend((group.name, model.name, k, float(v)) for k, v in values.items())
             if group.kind == "generator":
                 per_generator.append(values)
+                generator_fakes.append(scores[keep & (labels == 1)])
         if average and per_generator:
             mean = pd.DataFrame(per_generator).mean(axis=0, skipna=False)
             mean["n_fake"] = float(sum(v["n_fake"] for v in per_generator))
+            mean["auc_low"], mean["auc_high"] = M.mean_auc_interval(scores[valid & (labels == 0)], generator_fakes,
+                                                                    n_boot=n_boot, seed=seed)
             rows.extend(("average", model.name, k, float(v)) for k, v in mean.items())
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
