@@ -135,8 +135,12 @@ def test_autogan_twins_keep_their_real_size(tmp_path):
     images = [noise_image(40, 40, seed=s) for s in range(2)]
     path = train_simulator(images, tmp_path / "sim.safetensors", steps=1, crop=32, batch_size=2, width=4, blocks=1,
                            log=lambda m: None)
-    maker = twin_maker("autogan", simulator=path, tile=32)
+    maker = twin_maker("autogan", simulator=path)
     real = noise_image(45, 67)
     twin = maker.make_twin(real)
     assert twin.shape == real.shape and twin.dtype == np.uint8
     assert maker.generator == "autogan"
+    # made whole (InstanceNorm's statistics span the image), so there is a largest image it takes
+    maker.max_pixels = 45 * 67 - 1
+    with pytest.raises(ValueError, match="more than the 3014 pixels"):
+        maker.make_twin(real)

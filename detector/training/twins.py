@@ -44,6 +44,7 @@ __all__ = ["TAEF2", "TwinMaker", "FakesSummary", "MANIFEST_COLUMNS", "METHODS", 
 METHODS = ("tae", "autogan")
 DEFAULT_TAE_DIR = Path("..") / "shared" / "models" / "taef2"
 MANIFEST_COLUMNS = ["path", "label", "generator", "source", "pair"]
+AUTOGAN_MAX_PIXELS = 1 << 22
 _TAE_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
 
 
@@ -149,17 +150,20 @@ class TwinMaker:
     ``stages`` run in turn, each over overlapping tiles of ``tile`` px cores with ``margin`` px of
     context on every side (only the cores are kept, so tiles join on the exact pixel grid); images
     up to ``tile`` px a side, and stages marked ``whole`` (layers whose normalisation statistics span
-    the image), go through whole. Pixels enter and leave as values in ``value_range``.
+    the image), go through whole. Pixels enter and leave as values in ``value_range``. A maker
+    whose every stage is ``whole`` says how large an image it takes in ``max_pixels``.
     """
 
     def __init__(self, generator: str, stages: list[_Stage], multiple: int, value_range: tuple[float, float],
-                 *, device: str | torch.device = "cpu", tile: int = 512, margin: int = 64) -> None:
+                 *, device: str | torch.device = "cpu", tile: int = 512, margin: int = 64,
+                 max_pixels: int | None = None) -> None:
         if tile <= 0 or margin < 0 or tile % multiple or margin % multiple:
             raise ValueError(f"tile ({tile}) and margin ({margin}) must be positive multiples of {multiple} px")
         self.generator, self.multiple, self.value_range = generator, multiple, value_range
         self.device = torch.device(device)
         self.stages = [_Stage(s.net.to(self.device).eval(), s.px_in, s.px_out, s.whole) for s in stages]
         self.tile, self.margin = tile, margin
+        self.max_pixels = max_pixels  # largest image it takes (None: any; tiles bound the memory)
 
     @torch.no_grad()
     def make_twin(self, pixels: np.ndarray) -> np.ndarray:
@@ -167,6 +171,8 @@ class TwinMaker:
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             raise ValueError(f"expected RGB uint8 pixels of shape (H, W, 3), got {pixels.dtype} {pixels.shape}")
         h, w = pixels.shape[:2]
+        if self.max_pixels is not None and h * w > self.max_pixels:
+            raise ValueError(f"{w}x{h} is more than the {self.max_pixels} pixels that {self.generator} twins are made of")
         m = self.multiple
         padded = np.pad(pixels, ((0, -h % m), (0, -w % m), (0, 0)), mode="reflect")
         lo, hi = self.value_range
@@ -216,7 +222,11 @@ def twin_maker(method: str, *, tae_dir: str | os.PathLike | None = None, simulat
         if simulator is None:
             raise ValueError("--method autogan needs --simulator FILE (train one with `detector simulate`)")
         sim: Simulator = load_simulator(simulator)
-        return TwinMaker("autogan", [_Stage(sim, 1, 1)], 4, (-1.0, 1.0), device=device, tile=tile, margin=64)
+        # InstanceNorm normalises each layer by the whole input's statistics: tiles would each get
+        # their own and leave seams (measured with a briefly trained simulator: 512 px tiles 15 grey
+        # levels on average apart from a whole pass), so images go through whole, up to 4 Mpixels.
+        return TwinMaker("autogan", [_Stage(sim, 1, 1, whole=True)], 4, (-1.0, 1.0), device=device, tile=tile,
+                         margin=0, max_pixels=AUTOGAN_MAX_PIXELS)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -308,7 +318,7 @@ def make_fakes(
             kept += 1
         else:
             try:
-                pixels = decode_image(real.path, max_pixels).pixels
+                pixels = decode_image(real.path, min(max_pixels, maker.max_pixels or max_pixels)).pixels
             except ImageError as err:
                 failed += 1
                 bar.write(f"skipped {real.path}: {err}")
