@@ -158,7 +158,7 @@ class TwinMaker:
                  *, device: str | torch.device = "cpu", tile: int = 512, margin: int = 64,
                  max_pixels: int | None = None) -> None:
         if tile <= 0 or margin < 0 or tile % multiple or margin % multiple:
-            raise ValueError(f"tile ({tile}) and margin ({margin}) must be positive multiples of {multiple} px")
+            raise ValueError(f"tile ({tile}) must be a positive multiple of {multiple} px, margin ({margin}) a multiple")
         self.generator, self.multiple, self.value_range = generator, multiple, value_range
         self.device = torch.device(device)
         self.stages = [_Stage(s.net.to(self.device).eval(), s.px_in, s.px_out, s.whole) for s in stages]
@@ -211,7 +211,7 @@ def twin_maker(method: str, *, tae_dir: str | os.PathLike | None = None, simulat
         s = TAEF2.scale
         # The GroupNorm blocks see the whole image's statistics, so they run untiled; they all work at
         # 1/8 scale (the encoder's last layers, the decoder's first), where a 24 MP photo takes 100 MB
-        # a tensor. The full-scale layers around them run in tiles.
+        # a 64-channel tensor. The full-scale layers around them run in tiles.
         enc, dec = tae.encoder, tae.decoder
         cut_enc = next(i for i, m in enumerate(enc) if isinstance(m, _Block) and m.pool is not None)
         cut_dec = 1 + max(i for i, m in enumerate(dec) if isinstance(m, _Block) and m.pool is not None)
@@ -244,7 +244,7 @@ class FakesSummary:
     def line(self) -> str:
         per = self.seconds / self.written if self.written else 0.0
         return (f"{self.reals} reals: {self.written} twins written ({per:.1f} s each), {self.kept} already there, "
-                f"{self.failed} unreadable; manifest {self.manifest}")
+                f"{self.failed} skipped; manifest {self.manifest}")
 
 
 def twin_name(real: str | os.PathLike, generator: str) -> str:
