@@ -621,5 +621,56 @@ def simulate(train_data, output, steps, crop, batch_size, lr, width, blocks, see
     click.echo(f"simulator saved to {output}", err=True)
 
 
+@main.command("make-fakes")
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--method", type=click.Choice(["tae", "autogan"]), required=True,
+              help="tae: each real through the taef2 latent autoencoder (encoder then decoder). "
+                   "autogan: through a simulator from `detector simulate`.")
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
+              help="Where the twins (PNG) and manifest.csv go; a rerun skips twins already there.")
+@click.option("--tae-dir", type=click.Path(), default=None,
+              help="Folder holding taef2_encoder.pth and taef2_decoder.pth. Default: ../shared/models/taef2 "
+                   "relative to the working folder.")
+@click.option("--simulator", type=click.Path(dir_okay=False), default=None, help="Simulator file (--method autogan).")
+@click.option("--tile-size", default=512, show_default=True,
+              help="Images larger than this are processed in tiles of this core size (bounds memory; twins stay "
+                   "pixel-aligned).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--max-pixels", default=1 << 28, show_default=True, help="Skip images with more pixels (decompression bombs).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def make_fakes(data, method, output_dir, tae_dir, simulator, tile_size, device, max_pixels, quiet) -> None:
+    """Write an aligned twin of every real image in DATA, plus a manifest that `train` reads.
+
+    DATA is labelled data in any layout `train` reads; only its real photos are used. A twin keeps
+    its real's content, size and pixel grid and carries the traces of a generator's decoder
+    (Rajan et al., ICLR 2025). OUTPUT_DIR/manifest.csv lists every real and its twin, with a
+    `pair` column naming the twin's real.
+
+    \b
+    Examples:
+      detector make-fakes ../shared/data/dev --method tae -o runs/twins-tae
+      detector make-fakes data/manifest.csv --method autogan --simulator runs/simulator.safetensors -o runs/twins-ag
+    """
+    import pandas as pd
+
+    from .checkpoints import CheckpointError
+    from .datasets import read_labelled
+    from .images import InputError
+    from .inference import resolve_device
+    from .training.twins import DEFAULT_TAE_DIR, make_fakes as run, twin_maker
+
+    if method == "tae" and simulator:
+        _fail("--simulator is for --method autogan")
+    if method == "tae" and tae_dir is None and not DEFAULT_TAE_DIR.is_dir():
+        _fail(f"the taef2 weights are not at {DEFAULT_TAE_DIR} (looked in {Path.cwd() / DEFAULT_TAE_DIR}); "
+              f"pass --tae-dir FOLDER, the folder holding taef2_encoder.pth and taef2_decoder.pth")
+    try:
+        table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
+        maker = twin_maker(method, tae_dir=tae_dir, simulator=simulator, device=resolve_device(device), tile=tile_size)
+        run(table, output_dir, maker, max_pixels=max_pixels, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    except (InputError, CheckpointError, ValueError) as err:
+        _fail(str(err))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
