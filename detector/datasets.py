@@ -6,9 +6,14 @@ source or the generator, used to hold out whole sources when splitting).
 
 Layouts:
 
-* **manifest CSV**: ``path,label[,generator][,family][,source]``; label ``0/1`` or ``real/fake``;
-  relative paths are relative to the CSV's folder.
+* **manifest CSV**: ``path,label[,generator][,family][,source][,pair]``; label ``0/1`` or
+  ``real/fake``; relative paths are relative to the CSV's folder. ``pair`` (optional, as ``path``)
+  names the real photo an aligned twin was made from (``detector make-fakes``); training cuts a
+  twin and its real at the same place. Only manifests carry it: the table then has a ``pair``
+  column after :data:`COLUMNS` (``None`` where empty).
 * **CNNDetection** (Wang et al. 2020): ``root/<generator>/[<class>/]0_real|1_fake/``.
+* **GenImage** (Zhu et al. 2023): ``<generator>/[<subset>/]train|val/ai|nature/``; ``nature``
+  holds the real photos (ImageNet), ``ai`` the generated ones.
 * **Corvi et al. 2023**: one folder per source under ``root``; a folder whose name contains
   ``real`` holds real photos, every other folder is a generator.
 * **a ``detector scan`` output plus labels**: the scan's CSV gives the scores, any of the layouts
@@ -29,8 +34,8 @@ import pandas as pd
 from .images import InputError, find_images
 from .results import RESULT_COLUMNS
 
-__all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_corvi", "read_scan_output",
-           "is_scan_output", "split_by_source"]
+__all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_genimage", "read_corvi",
+           "read_scan_output", "is_scan_output", "split_by_source"]
 
 COLUMNS = ["path", "label", "generator", "family", "source"]
 _LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1, "generated": 1, "synthetic": 1, "0_real": 0, "1_fake": 1}
@@ -54,11 +59,11 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
         df["source"] = df["generator"]
     df["family"] = df["family"].fillna(df["generator"])
     df["source"] = df["source"].fillna(df["generator"])
-    return df[COLUMNS].reset_index(drop=True)
+    return df[COLUMNS + (["pair"] if "pair" in df else [])].reset_index(drop=True)
 
 
 def read_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
-    """A CSV listing ``path,label`` and optionally ``generator``, ``family``, ``source``."""
+    """A CSV listing ``path,label`` and optionally ``generator``, ``family``, ``source``, ``pair``."""
     csv_path = Path(csv_path)
     df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     missing = {"path", "label"} - set(df.columns)
@@ -66,6 +71,8 @@ def read_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{csv_path}: a manifest needs columns path and label (missing {sorted(missing)})")
     base = csv_path.parent
     df["path"] = [p if os.path.isabs(p) else str(base / p) for p in df["path"]]
+    if "pair" in df:
+        df["pair"] = [None if not p else p if os.path.isabs(p) else str(base / p) for p in df["pair"]]
     df["label"] = [_parse_label(v, f"{csv_path} row {i + 2}") for i, v in enumerate(df["label"])]
     if "generator" not in df:
         df["generator"] = ["fake" if lab else "real" for lab in df["label"]]
@@ -96,6 +103,56 @@ def read_cnndetection(root: str | os.PathLike) -> pd.DataFrame:
     return _finish(pd.DataFrame(rows))
 
 
+_GENIMAGE_CLASSES = {"nature": 0, "ai": 1}
+_SPLIT_NAMES = {"train", "val", "test"}
+
+
+def _genimage_generator(class_dir: Path, root: Path) -> str:
+    """The generator of a GenImage class folder: the outermost folder name that is not a split.
+
+    GenImage nests ``<generator>/imagenet_<...>/train|val/ai|nature``; a root below the
+    generator folder (``.../ADM/imagenet_ai_0508_adm/train``) takes the name from its parents.
+    """
+    names = [p for p in class_dir.relative_to(root).parts[:-1] if p.lower() not in _SPLIT_NAMES]
+    if names:
+        return names[0]
+    for parent in class_dir.resolve().parents:
+        if parent.name and parent.name.lower() not in _SPLIT_NAMES and not parent.name.lower().startswith("imagenet_"):
+            return parent.name
+    return "fake"
+
+
+def read_genimage(root: str | os.PathLike) -> pd.DataFrame:
+    """``<generator>/[<subset>/]train|val/ai|nature/``: GenImage's published layout.
+
+    Every split found under ``root`` is read: point at a ``train`` or ``val`` folder (or pass
+    several) to keep them apart. The reals of each generator are its own source
+    (``<generator>/nature``), so holding out a generator holds out its photos too.
+    """
+    root = Path(root)
+    rows = []
+    for class_dir in sorted(_folders(root)):
+        label = _GENIMAGE_CLASSES.get(class_dir.name)
+        if label is None:
+            continue
+        generator = _genimage_generator(class_dir, root)
+        for path in find_images([class_dir]):
+            rows.append({"path": str(path), "label": label, "generator": generator, "family": None,
+                         "source": generator if label else f"{generator}/nature"})
+    if not rows:
+        raise InputError(f"{root}: no ai or nature folder with images found")
+    return _finish(pd.DataFrame(rows))
+
+
+def _folders(root: Path) -> list[Path]:
+    """Every folder under ``root`` (itself included), without stat-ing the files."""
+    found = []
+    for parent, dirs, _ in os.walk(root):
+        found.append(Path(parent))
+        dirs.sort()
+    return found
+
+
 def read_corvi(root: str | os.PathLike) -> pd.DataFrame:
     """One folder per source: names containing ``real`` are real photos, the rest generators."""
     root = Path(root)
@@ -124,8 +181,11 @@ def read_labelled(source: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: no such file or folder")
     if (path / "manifest.csv").is_file():
         return read_manifest(path / "manifest.csv")
-    if any(p.is_dir() and p.name in ("0_real", "1_fake") for p in path.rglob("*")):
+    names = {p.name for p in _folders(path)}
+    if names & {"0_real", "1_fake"}:
         return read_cnndetection(path)
+    if names & set(_GENIMAGE_CLASSES):
+        return read_genimage(path)
     return read_corvi(path)
 
 
