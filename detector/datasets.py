@@ -85,22 +85,35 @@ def read_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
     return _finish(df)
 
 
+def _class_folder_table(root: Path, classes: dict[str, int], generator_of, real_source: str) -> pd.DataFrame:
+    """The images of every folder under ``root`` named after a class (``classes``: name -> label).
+
+    ``generator_of(class_dir)`` names the generator; the reals beside it form the source
+    ``<generator>/<real_source>``.
+    """
+    rows = []
+    for class_dir in sorted(_folders(root)):
+        label = classes.get(class_dir.name)
+        if label is None:
+            continue
+        generator = generator_of(class_dir)
+        for path in find_images([class_dir]):
+            rows.append({"path": str(path), "label": label, "generator": generator, "family": None,
+                         "source": generator if label else f"{generator}/{real_source}"})
+    if not rows:
+        raise InputError(f"{root}: no {' or '.join(classes)} folder with images found")
+    return _finish(pd.DataFrame(rows))
+
+
 def read_cnndetection(root: str | os.PathLike) -> pd.DataFrame:
     """``root/<generator>/[<class>/]0_real|1_fake/``: the generator is the first folder level."""
     root = Path(root)
-    rows = []
-    for class_dir in sorted(root.rglob("*")):
-        if not class_dir.is_dir() or class_dir.name not in ("0_real", "1_fake"):
-            continue
+
+    def generator_of(class_dir: Path) -> str:
         rel = class_dir.relative_to(root).parts
-        generator = rel[0] if len(rel) > 1 else root.name
-        label = _LABEL_WORDS[class_dir.name]
-        for path in find_images([class_dir]):
-            rows.append({"path": str(path), "label": label, "generator": generator, "family": None,
-                         "source": generator if label else f"{generator}/real"})
-    if not rows:
-        raise InputError(f"{root}: no 0_real or 1_fake folder with images found")
-    return _finish(pd.DataFrame(rows))
+        return rel[0] if len(rel) > 1 else root.name
+
+    return _class_folder_table(root, {"0_real": 0, "1_fake": 1}, generator_of, "real")
 
 
 _GENIMAGE_CLASSES = {"nature": 0, "ai": 1}
@@ -108,18 +121,18 @@ _SPLIT_NAMES = {"train", "val", "test"}
 
 
 def _genimage_generator(class_dir: Path, root: Path) -> str:
-    """The generator of a GenImage class folder: the outermost folder name that is not a split.
+    """The generator of a GenImage class folder: the outermost folder that is neither a split nor a subset.
 
     GenImage nests ``<generator>/imagenet_<...>/train|val/ai|nature``; a root below the
     generator folder (``.../ADM/imagenet_ai_0508_adm/train``) takes the name from its parents.
     """
-    names = [p for p in class_dir.relative_to(root).parts[:-1] if p.lower() not in _SPLIT_NAMES]
+    def is_generator(name: str) -> bool:
+        return bool(name) and name.lower() not in _SPLIT_NAMES and not name.lower().startswith("imagenet_")
+
+    names = [p for p in class_dir.relative_to(root).parts[:-1] if is_generator(p)]
     if names:
         return names[0]
-    for parent in class_dir.resolve().parents:
-        if parent.name and parent.name.lower() not in _SPLIT_NAMES and not parent.name.lower().startswith("imagenet_"):
-            return parent.name
-    return "fake"
+    return next((p.name for p in class_dir.resolve().parents if is_generator(p.name)), "fake")
 
 
 def read_genimage(root: str | os.PathLike) -> pd.DataFrame:
@@ -130,18 +143,7 @@ def read_genimage(root: str | os.PathLike) -> pd.DataFrame:
     (``<generator>/nature``), so holding out a generator holds out its photos too.
     """
     root = Path(root)
-    rows = []
-    for class_dir in sorted(_folders(root)):
-        label = _GENIMAGE_CLASSES.get(class_dir.name)
-        if label is None:
-            continue
-        generator = _genimage_generator(class_dir, root)
-        for path in find_images([class_dir]):
-            rows.append({"path": str(path), "label": label, "generator": generator, "family": None,
-                         "source": generator if label else f"{generator}/nature"})
-    if not rows:
-        raise InputError(f"{root}: no ai or nature folder with images found")
-    return _finish(pd.DataFrame(rows))
+    return _class_folder_table(root, _GENIMAGE_CLASSES, lambda d: _genimage_generator(d, root), "nature")
 
 
 def _folders(root: Path) -> list[Path]:

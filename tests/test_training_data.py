@@ -127,6 +127,7 @@ def test_genimage_layout(tmp_path):
     fakes = train_only[train_only["label"] == 1]
     assert set(fakes["generator"]) == {"ADM"}  # named after the generator folder above the split
     assert set(train_only.loc[train_only["label"] == 0, "source"]) == {"ADM/nature"}
+    assert set(read_labelled(root / "ADM")["generator"]) == {"ADM", "real"}
 
 
 def _imagenet_classifier(folder: Path, name: str) -> Path:
@@ -221,5 +222,7 @@ def test_peak_memory_does_not_grow_with_the_training_set(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         main_kb, workers_kb = (int(v) for v in proc.stdout.split()[-2:])
         peaks[n] = (main_kb / 1024, workers_kb / 1024)
+    print(f"\n[reliability] training memory: peak RSS {peaks[1_000][0]:.0f} MB (main) / {peaks[1_000][1]:.0f} MB "
+          f"(largest worker) on 1,000 images, {peaks[10_000][0]:.0f} / {peaks[10_000][1]:.0f} MB on 10,000")
     assert peaks[10_000][0] - peaks[1_000][0] <= 150, peaks
     assert peaks[10_000][1] - peaks[1_000][1] <= 150, peaks
