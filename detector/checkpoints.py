@@ -13,7 +13,9 @@ containers only and refuses any other object, so loading a checkpoint never exec
 A state dict that does not fit the architecture exactly (missing, unexpected or mis-shaped keys)
 is refused, listing the keys: the tool must never run on random weights. The project's metadata is
 checked against :func:`validate_metadata` before anything uses it, so a malformed file gives one
-:class:`CheckpointError` naming the field.
+:class:`CheckpointError` naming the field. Training alone may start from a checkpoint whose
+classifier head does not fit (:func:`load_backbone`: an ImageNet classifier's 1000 outputs); it
+re-initialises that head and says so.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ __all__ = [
     "CheckpointInfo",
     "atomic_write",
     "file_sha256",
+    "head_keys",
+    "load_backbone",
     "load_model",
     "read_metadata",
     "read_state_dict",
@@ -269,8 +273,12 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
-def _check_fit(model: nn.Module, state: Mapping[str, Tensor], path: Path, architecture: str) -> None:
-    expected = model.state_dict()
+def _check_fit(
+    model: nn.Module, state: Mapping[str, Tensor], path: Path, architecture: str, ignore: frozenset[str] = frozenset()
+) -> None:
+    """Raise :class:`CheckpointError` listing every key that does not fit, except those in ``ignore``."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in ignore}
+    state = {k: v for k, v in state.items() if k not in ignore}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -292,14 +300,9 @@ def _check_fit(model: nn.Module, state: Mapping[str, Tensor], path: Path, archit
         raise CheckpointError("; ".join(parts))
 
 
-def load_model(path: str | os.PathLike, architecture: str | None = None) -> tuple[nn.Module, CheckpointInfo]:
-    """Build the checkpoint's architecture and load its weights exactly; eval mode, fp32, CPU.
-
-    ``architecture`` overrides what the checkpoint says (published files say nothing, and
-    default to ``resnet50nodown``; Wang et al.'s CNNDetection weights need ``resnet50``).
-    """
-    path = Path(path)
-    state, metadata = read_state_dict(path)
+def _build_for(path: Path, state: dict[str, Tensor], metadata: dict, architecture: str | None):
+    """The architecture a checkpoint is loaded into (its metadata validated first), and its state
+    with timm's prefix added if needed."""
     validate_metadata(metadata, path)
     if architecture is not None and not is_known_architecture(architecture):
         raise CheckpointError(f"unknown architecture {architecture!r} (see `detector models`)")
@@ -313,12 +316,66 @@ def load_model(path: str | os.PathLike, architecture: str | None = None) -> tupl
         # timm models live under .net in TimmClassifier; accept checkpoints saved from the bare timm model
         if not any(k.startswith("net.") for k in state):
             state = {f"net.{k}": v for k, v in state.items()}
+    return arch, model, state
+
+
+def load_model(path: str | os.PathLike, architecture: str | None = None) -> tuple[nn.Module, CheckpointInfo]:
+    """Build the checkpoint's architecture and load its weights exactly; eval mode, fp32, CPU.
+
+    ``architecture`` overrides what the checkpoint says (published files say nothing, and
+    default to ``resnet50nodown``; Wang et al.'s CNNDetection weights need ``resnet50``).
+    """
+    path = Path(path)
+    state, metadata = read_state_dict(path)
+    arch, model, state = _build_for(path, state, metadata, architecture)
     _check_fit(model, state, path, arch)
     _check_config(model, metadata, path)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.eval()
     info = CheckpointInfo(path=str(path), sha256=file_sha256(path), architecture=arch, metadata=metadata)
     return model, info
+
+
+def head_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of the model's classifier head (``fc.*`` for ResNets, timm's classifier)."""
+    net = getattr(model, "net", None)
+    head = net.get_classifier() if net is not None and hasattr(net, "get_classifier") else getattr(model, "fc", None)
+    if not isinstance(head, nn.Module):
+        return frozenset()
+    name = next(n for n, m in model.named_modules() if m is head)
+    return frozenset(f"{name}.{k}" for k in head.state_dict())
+
+
+def load_backbone(
+    path: str | os.PathLike, architecture: str | None = None
+) -> tuple[nn.Module, CheckpointInfo, dict[str, str]]:
+    """Load a checkpoint to fine-tune from: the backbone exactly, the head only if it fits.
+
+    An ImageNet classifier (torchvision's ``resnet50``, 1000 outputs) or any checkpoint whose head
+    is not this detector's single logit keeps every other weight; its head is left at the fresh
+    initialisation of the architecture. Any other key that is missing, unexpected or mis-shaped
+    is still an error. Returns the model (train mode, fp32, CPU), the file's info, and the
+    re-initialised head keys with the reason for each (empty when everything fitted). Training
+    only: ``scan`` and ``evaluate`` use :func:`load_model`, which never runs on partly random weights.
+    """
+    path = Path(path)
+    state, metadata = read_state_dict(path)
+    arch, model, state = _build_for(path, state, metadata, architecture)
+    head = head_keys(model)
+    expected = model.state_dict()
+    misfits = {}
+    for key in sorted(head):
+        if key not in state:
+            misfits[key] = "absent from the checkpoint"
+        elif state[key].shape != expected[key].shape:
+            misfits[key] = f"checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+    reinit = {key: misfits.get(key, "re-initialised with the rest of the head") for key in sorted(head)} if misfits else {}
+    _check_fit(model, state, path, arch, ignore=frozenset(reinit))  # one head: loaded whole or not at all
+    _check_config(model, metadata, path)
+    kept = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in reinit}
+    model.load_state_dict(kept, strict=not reinit)
+    info = CheckpointInfo(path=str(path), sha256=file_sha256(path), architecture=arch, metadata=metadata)
+    return model.train(), info, reinit
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:

@@ -401,7 +401,9 @@ def _floats(text: str) -> tuple[float, float]:
               help="Labelled validation data (same layouts). Or use --val-sources to hold sources out of --train.")
 @click.option("--val-sources", default="", help="Comma-separated generators and real-photo sources held out of --train for validation.")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Where checkpoints, history.csv and curves.png go.")
-@click.option("--init", default="scratch", show_default=True, help="'scratch' or a checkpoint to fine-tune (e.g. the GRIP weights).")
+@click.option("--init", default="scratch", show_default=True,
+              help="'scratch' or a checkpoint to fine-tune (e.g. the GRIP weights). A head that does not fit (an "
+                   "ImageNet classifier's 1000 outputs) is re-initialised, and the log names its keys.")
 @click.option("--arch", "architecture", default="resnet50nodown", show_default=True, help="Architecture name (see `detector models`), or timm:NAME.")
 @click.option("--crop-size", default=96, show_default=True, help="Training crop size in px, cut at native resolution.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -429,7 +431,12 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir exactly where it stopped.")
 @click.option("--simulate-fakes", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A simulator from `detector simulate`: its reconstructions of the real training images join the fakes.")
+              help="A simulator from `detector simulate`: its reconstructions of the real training images join the "
+                   "fakes (written once to OUTPUT_DIR/simulated-*/).")
+@click.option("--paired/--no-paired", default=True, show_default=True,
+              help="Put each aligned twin (manifest column `pair`) in the batch of its real, cut at the same place.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Processes decoding and augmenting training crops beside the network (0: in the main process).")
 @click.option("--views", default=4, show_default=True, help="CLIP probe: 224 px views per image (their logits are averaged).")
 @click.option("--view-mode", type=click.Choice(["crop", "resize"]), default="crop", show_default=True,
               help="CLIP probe: native-resolution crops, or CLIP's resize of the short side to 224.")
@@ -445,8 +452,8 @@ def _floats(text: str) -> tuple[float, float]:
 def train(train_data, val_data, val_sources, output_dir, init, architecture, crop_size, batch_size, lr, weight_decay,
           steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
           jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
-          device, threads, seed, resume, simulate_fakes, views, view_mode, feature, probe_c, probe_align_jpeg,
-          feature_cache) -> None:
+          device, threads, seed, resume, simulate_fakes, paired, workers, views, view_mode, feature, probe_c,
+          probe_align_jpeg, feature_cache) -> None:
     """Train or fine-tune a detector on labelled images (or fit a CLIP probe: --arch clip-probe:BACKBONE).
 
     \b
@@ -497,7 +504,7 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
             steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, max_minutes=max_minutes, lr_patience=lr_patience,
             early_stop_patience=early_stop_patience, val_crop=val_crop, val_crops_per_image=val_crops_per_image,
             precision=precision, device=device, threads=threads, seed=seed, target_far=target_far, resume=resume,
-            simulate_fakes=simulate_fakes,
+            simulate_fakes=simulate_fakes, paired=paired, workers=workers,
         )
         click.echo(f"training on {len(table)} images, validating on {len(val_table)}", err=True)
         run(config, train_table=table, val_table=val_table, log=lambda m: click.echo(m, err=True))

@@ -6,9 +6,14 @@ source or the generator, used to hold out whole sources when splitting).
 
 Layouts:
 
-* **manifest CSV**: ``path,label[,generator][,family][,source]``; label ``0/1`` or ``real/fake``;
-  relative paths are relative to the CSV's folder.
+* **manifest CSV**: ``path,label[,generator][,family][,source][,pair]``; label ``0/1`` or
+  ``real/fake``; relative paths are relative to the CSV's folder. ``pair`` (optional, as ``path``)
+  names the real photo an aligned twin was made from (``detector make-fakes``); training cuts a
+  twin and its real at the same place. Only manifests carry it: the table then has a ``pair``
+  column after :data:`COLUMNS` (``None`` where empty).
 * **CNNDetection** (Wang et al. 2020): ``root/<generator>/[<class>/]0_real|1_fake/``.
+* **GenImage** (Zhu et al. 2023): ``<generator>/[<subset>/]train|val/ai|nature/``; ``nature``
+  holds the real photos (ImageNet), ``ai`` the generated ones.
 * **Corvi et al. 2023**: one folder per source under ``root``; a folder named ``real``, ``reals``,
   ``0_real`` or ``real_*`` (any case) holds real photos, every other folder is a generator. Any
   other name containing "real" (``unreal_engine``, ``RealVisXL``) is refused: it could be either,
@@ -32,8 +37,8 @@ import pandas as pd
 from .images import InputError, find_images
 from .results import RESULT_COLUMNS
 
-__all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_corvi", "read_scan_output",
-           "is_scan_output", "split_by_source", "folder_label", "class_counts"]
+__all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_genimage", "read_corvi",
+           "read_scan_output", "is_scan_output", "split_by_source", "folder_label", "class_counts"]
 
 COLUMNS = ["path", "label", "generator", "family", "source"]
 # Folder names that mark real photos in the Corvi layout: real, reals, 0_real, real_<source>.
@@ -59,11 +64,11 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
         df["source"] = df["generator"]
     df["family"] = df["family"].fillna(df["generator"])
     df["source"] = df["source"].fillna(df["generator"])
-    return df[COLUMNS].reset_index(drop=True)
+    return df[COLUMNS + (["pair"] if "pair" in df else [])].reset_index(drop=True)
 
 
 def read_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
-    """A CSV listing ``path,label`` and optionally ``generator``, ``family``, ``source``."""
+    """A CSV listing ``path,label`` and optionally ``generator``, ``family``, ``source``, ``pair``."""
     csv_path = Path(csv_path)
     df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     missing = {"path", "label"} - set(df.columns)
@@ -71,6 +76,8 @@ def read_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{csv_path}: a manifest needs columns path and label (missing {sorted(missing)})")
     base = csv_path.parent
     df["path"] = [p if os.path.isabs(p) else str(base / p) for p in df["path"]]
+    if "pair" in df:
+        df["pair"] = [None if not p else p if os.path.isabs(p) else str(base / p) for p in df["pair"]]
     df["label"] = [_parse_label(v, f"{csv_path} row {i + 2}") for i, v in enumerate(df["label"])]
     if "generator" not in df:
         df["generator"] = ["fake" if lab else "real" for lab in df["label"]]
@@ -83,22 +90,74 @@ def read_manifest(csv_path: str | os.PathLike) -> pd.DataFrame:
     return _finish(df)
 
 
+def _class_folder_table(root: Path, classes: dict[str, int], generator_of, real_source: str) -> pd.DataFrame:
+    """The images of every folder under ``root`` named after a class (``classes``: name -> label).
+
+    ``generator_of(class_dir)`` names the generator; the reals beside it form the source
+    ``<generator>/<real_source>``.
+    """
+    rows = []
+    for class_dir in sorted(_folders(root)):
+        label = classes.get(class_dir.name)
+        if label is None:
+            continue
+        generator = generator_of(class_dir)
+        for path in find_images([class_dir]):
+            rows.append({"path": str(path), "label": label, "generator": generator, "family": None,
+                         "source": generator if label else f"{generator}/{real_source}"})
+    if not rows:
+        raise InputError(f"{root}: no {' or '.join(classes)} folder with images found")
+    return _finish(pd.DataFrame(rows))
+
+
 def read_cnndetection(root: str | os.PathLike) -> pd.DataFrame:
     """``root/<generator>/[<class>/]0_real|1_fake/``: the generator is the first folder level."""
     root = Path(root)
-    rows = []
-    for class_dir in sorted(root.rglob("*")):
-        if not class_dir.is_dir() or class_dir.name not in ("0_real", "1_fake"):
-            continue
+
+    def generator_of(class_dir: Path) -> str:
         rel = class_dir.relative_to(root).parts
-        generator = rel[0] if len(rel) > 1 else root.name
-        label = _LABEL_WORDS[class_dir.name]
-        for path in find_images([class_dir]):
-            rows.append({"path": str(path), "label": label, "generator": generator, "family": None,
-                         "source": generator if label else f"{generator}/real"})
-    if not rows:
-        raise InputError(f"{root}: no 0_real or 1_fake folder with images found")
-    return _finish(pd.DataFrame(rows))
+        return rel[0] if len(rel) > 1 else root.name
+
+    return _class_folder_table(root, {"0_real": 0, "1_fake": 1}, generator_of, "real")
+
+
+_GENIMAGE_CLASSES = {"nature": 0, "ai": 1}
+_SPLIT_NAMES = {"train", "val", "test"}
+
+
+def _genimage_generator(class_dir: Path, root: Path) -> str:
+    """The generator of a GenImage class folder: the outermost folder that is neither a split nor a subset.
+
+    GenImage nests ``<generator>/imagenet_<...>/train|val/ai|nature``; a root below the
+    generator folder (``.../ADM/imagenet_ai_0508_adm/train``) takes the name from its parents.
+    """
+    def is_generator(name: str) -> bool:
+        return bool(name) and name.lower() not in _SPLIT_NAMES and not name.lower().startswith("imagenet_")
+
+    names = [p for p in class_dir.relative_to(root).parts[:-1] if is_generator(p)]
+    if names:
+        return names[0]
+    return next((p.name for p in class_dir.resolve().parents if is_generator(p.name)), "fake")
+
+
+def read_genimage(root: str | os.PathLike) -> pd.DataFrame:
+    """``<generator>/[<subset>/]train|val/ai|nature/``: GenImage's published layout.
+
+    Every split found under ``root`` is read: point at a ``train`` or ``val`` folder (or pass
+    several) to keep them apart. The reals of each generator are its own source
+    (``<generator>/nature``), so holding out a generator holds out its photos too.
+    """
+    root = Path(root)
+    return _class_folder_table(root, _GENIMAGE_CLASSES, lambda d: _genimage_generator(d, root), "nature")
+
+
+def _folders(root: Path) -> list[Path]:
+    """Every folder under ``root`` (itself included), without stat-ing the files."""
+    found = []
+    for parent, dirs, _ in os.walk(root):
+        found.append(Path(parent))
+        dirs.sort()
+    return found
 
 
 def folder_label(folder: str | os.PathLike) -> int:
@@ -144,8 +203,11 @@ def read_labelled(source: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: no such file or folder")
     if (path / "manifest.csv").is_file():
         return read_manifest(path / "manifest.csv")
-    if any(p.is_dir() and p.name in ("0_real", "1_fake") for p in path.rglob("*")):
+    names = {p.name for p in _folders(path)}
+    if names & {"0_real", "1_fake"}:
         return read_cnndetection(path)
+    if names & set(_GENIMAGE_CLASSES):
+        return read_genimage(path)
     return read_corvi(path)
 
 

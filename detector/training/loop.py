@@ -1,21 +1,26 @@
-"""The training loop: class-balanced batches, validation every epoch, atomic checkpoints, resume.
+"""The training loop: streamed class-balanced batches, validation every epoch, atomic checkpoints, resume.
 
-Determinism: batch composition and every augmentation are pure functions of ``(seed, step)``,
-so the only state a resumed run needs is the model, the optimizer, the scheduler and the step
-counter, all saved (without pickle) in ``training_state.safetensors`` after every epoch.
+Determinism: batch composition and every augmentation are pure functions of ``(seed, step)``
+(see :mod:`detector.training.data`), so the only state a resumed run needs is the model, the
+optimizer, the scheduler and the step counter, all saved (without pickle) in
+``training_state.safetensors`` after every epoch.
+
+:func:`train` runs named steps: :func:`_start` (output folder, device, ranks), :func:`_prepare_data`,
+:func:`_build_model`, :func:`_resume`, then per epoch :func:`_train_epoch`,
+:func:`_validate_and_checkpoint` and :func:`_stop_decision`, and :func:`_finish`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,14 +29,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoints import atomic_write, load_model, save_checkpoint
-from ..images import ImageError, decode_image
+from ..checkpoints import atomic_write, file_sha256, load_backbone, save_checkpoint
 from ..inference import Detector, autocast, input_scale, normalise, resolve_device
 from ..metrics import auc, logloss, sigmoid
 from ..models import create_model
 from ..results import software_versions
 from .calibration import fit_calibration
-from .recipe import Recipe, augment, validation_crops
+from .data import BatchPlan, TrainingSamples, TrainingTable, simulated_fakes, training_batches, validation_set
+from .recipe import Recipe
 
 __all__ = ["TrainConfig", "train"]
 
@@ -67,20 +72,13 @@ class TrainConfig:
     resume: bool = False
     max_pixels: int = 1 << 28
     simulate_fakes: str | None = None
+    paired: bool = True
+    workers: int = 2
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["recipe"] = self.recipe.to_dict()
         return d
-
-
-@dataclass
-class _Item:
-    pixels: np.ndarray
-    label: int
-    was_jpeg: bool
-    group: str
-    jpeg_quality: int | None = None
 
 
 def _git_commit() -> str | None:
@@ -97,51 +95,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _load_items(table: pd.DataFrame, min_size: int, max_pixels: int, log) -> list[_Item]:
-    items = []
-    for row in table.itertuples():
-        try:
-            img = decode_image(row.path, max_pixels=max_pixels)
-        except ImageError as err:
-            log(f"skipped {row.path}: {err}")
-            continue
-        if min(img.height, img.width) < min_size:
-            log(f"skipped {row.path}: {img.width}x{img.height} is smaller than the {min_size} px crop")
-            continue
-        group = str(row.generator) if row.label == 1 else str(row.source)
-        items.append(_Item(img.pixels, int(row.label), img.format in ("JPEG", "MPO"), group, img.jpeg_quality))
-    return items
-
-
-def _sampling_weights(items: list[_Item]) -> np.ndarray:
-    """Half the mass on each class; within a class, groups weighted by the square root of their size.
-
-    Square-root weighting keeps the large groups (64 DCGAN faces) from drowning the small ones
-    (one BigGAN image) without repeating a single image hundreds of times per epoch.
-    """
-    labels = np.array([it.label for it in items])
-    groups = np.array([f"{it.label}:{it.group}" for it in items])
-    counts = pd.Series(groups).value_counts()
-    w = np.array([1.0 / math.sqrt(counts[g]) for g in groups])
-    for c in (0, 1):
-        m = labels == c
-        if not m.any():
-            raise ValueError(f"the training data has no {'real' if c == 0 else 'generated'} images")
-        w[m] = 0.5 * w[m] / w[m].sum()
-    return w
-
-
-def _make_batch(items, weights, config: TrainConfig, step: int, prior_q, rank: int | None = None):
-    """The batch of ``step``: a pure function of (seed, step[, rank]), so resuming needs no sampler state."""
-    rng = np.random.default_rng([config.seed, step] if rank is None else [config.seed, step, rank])
-    idx = rng.choice(len(items), size=config.batch_size, p=weights)
-    crops, labels = [], []
-    for i in idx:
-        it = items[i]
-        crops.append(augment(it.pixels, config.recipe, rng, was_jpeg=it.was_jpeg, prior_qualities=prior_q))
-        labels.append(it.label)
-    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
-    return x, torch.tensor(labels, dtype=torch.float32)
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:
@@ -154,6 +107,12 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _broadcast_floats(values: list[float], device: torch.device) -> list[float]:
@@ -230,12 +189,84 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class _Run:
+    """Where and as what this process trains."""
+
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    log: Callable[[str], None]  # rank 0 speaks for the run; the other ranks' log is silent
+    say: Callable[[str], None]  # every rank
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_FILE
+
+
+@dataclass
+class _Data:
+    table: TrainingTable
+    val_crops: list[tuple[int, list[np.ndarray]]]
+    n_simulated: int
+
+
+@dataclass
+class _Model:
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    mean: torch.Tensor
+    std: torch.Tensor
+    init: dict
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    best_auc: float = -1.0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    elapsed_before: float = 0.0
+    started: float = field(default_factory=time.time)
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+
 def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataFrame, log=print) -> dict:
     """Train (or fine-tune, or resume) a detector; returns the final record (also in the checkpoints)."""
+    run = _start(config, log)
+    data = _prepare_data(config, run, train_table, val_table)
+    m = _build_model(config, run)
+    progress = _resume(config, run, m)
+    record = _record(config, data, m)
+    total = config.max_epochs * config.steps_per_epoch
+    plan = BatchPlan(data.table, config.batch_size, config.seed, progress.step, total,
+                     rank=run.rank if run.world > 1 else None, paired=config.paired)
+    batches = training_batches(plan, TrainingSamples(data.table, config.recipe, config.max_pixels), config.workers,
+                               pin_memory=run.device.type == "cuda")
+    progress.started = time.time()
+    stop_reason = "max_epochs"
+    while progress.step < total:
+        losses = _train_epoch(config, run, m, batches, progress)
+        _validate_and_checkpoint(config, run, m, data, progress, record, losses)
+        reason = _stop_decision(config, run, progress)
+        if reason:
+            stop_reason = reason
+            break
+    del batches  # stops the decoding workers
+    return _finish(run, m, record, progress, stop_reason)
+
+
+def _start(config: TrainConfig, log: Callable[[str], None]) -> _Run:
+    """Output folder (refusing to overwrite a run unless resuming), seeds, device, DDP rank."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / STATE_FILE
-    if state_path.exists() and not config.resume:
+    if (out / STATE_FILE).exists() and not config.resume:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another --output-dir")
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -246,137 +277,167 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     rank, world = _distributed(device)
-    say = log
-    if rank != 0:
-        log = lambda message: None  # noqa: E731 - rank 0 speaks for the run
+    quiet = lambda message: None  # noqa: E731 - rank 0 speaks for the run
+    return _Run(out, device, rank, world, log if rank == 0 else quiet, log)
 
+
+def _prepare_data(config: TrainConfig, run: _Run, train_table: pd.DataFrame, val_table: pd.DataFrame) -> _Data:
+    """The training table (headers only), the validation crops, and the split written beside the run."""
     t0 = time.time()
-    train_items = _load_items(train_table, config.recipe.crop_size, config.max_pixels, log)
-    val_items = _load_items(val_table, 8, config.max_pixels, log)
-    if not train_items or not val_items:
-        raise ValueError("no usable training or validation images")
-    n_simulated = 0
+    given, n_simulated = train_table, 0
     if config.simulate_fakes:
-        from .simulator import load_simulator, simulate
-
-        simulator = load_simulator(config.simulate_fakes)
-        fakes = [simulate(simulator, it.pixels) for it in train_items if it.label == 0]
-        fakes = [f for f in fakes if min(f.shape[:2]) >= config.recipe.crop_size]
-        train_items += [_Item(f, 1, False, "simulated") for f in fakes]
+        reals = [str(p) for p, label in zip(train_table["path"], train_table["label"]) if label == 0]
+        folder = run.out / f"simulated-{file_sha256(config.simulate_fakes)[:12]}"
+        fakes = simulated_fakes(config.simulate_fakes, reals, folder, config.recipe.crop_size, rank=run.rank,
+                                world=run.world, barrier=_barrier if run.world > 1 else lambda: None, log=run.log)
         n_simulated = len(fakes)
-        log(f"added {n_simulated} simulated fakes from {config.simulate_fakes}")
-    # the JPEG qualities of the training set: never-compressed crops are first compressed like these
-    prior_q = np.array([it.jpeg_quality for it in train_items if it.jpeg_quality is not None], dtype=int)
-    weights = _sampling_weights(train_items)
-    val_crops = [
-        (it.label, validation_crops(it.pixels, config.val_crop, config.val_crops_per_image, config.val_quality))
-        for it in val_items
-    ]
-    log(f"loaded {len(train_items)} training and {len(val_items)} validation images in {time.time() - t0:.0f} s")
-    if rank == 0:  # the exact split, so that `detector evaluate` can measure the same images
-        for name, table in (("train_manifest.csv", train_table), ("val_manifest.csv", val_table)):
-            rel = table.assign(path=[os.path.relpath(os.path.abspath(p), out.resolve()) for p in table["path"]])
-            atomic_write(out / name, lambda tmp, t=rel: t.to_csv(tmp, index=False))
+        run.log(f"added {n_simulated} simulated fakes from {config.simulate_fakes} (in {folder})")
+        train_table = pd.concat([train_table, fakes], ignore_index=True)
+    table = TrainingTable.build(train_table, config.recipe.crop_size, config.max_pixels, run.log)
+    val_crops = validation_set(val_table, config.val_crop, config.val_crops_per_image, config.val_quality,
+                               config.max_pixels, run.log)
+    if not val_crops:
+        raise ValueError("no usable validation images")
+    pairs = f", {table.n_pairs} of them aligned twins of a training real" if table.n_pairs else ""
+    run.log(f"indexed {len(table)} training images{pairs} and loaded {len(val_crops)} validation images "
+            f"in {time.time() - t0:.0f} s")
+    if run.rank == 0:  # the exact split, so that `detector evaluate` can measure the same images
+        for name, t in (("train_manifest.csv", given), ("val_manifest.csv", val_table)):
+            rel = t.assign(path=[os.path.relpath(os.path.abspath(p), run.out.resolve()) for p in t["path"]])
+            atomic_write(run.out / name, lambda tmp, t=rel: t.to_csv(tmp, index=False))
+    return _Data(table, val_crops, n_simulated)
 
+
+def _build_model(config: TrainConfig, run: _Run) -> _Model:
+    """The network (from scratch or ``--init``), on its device, with its optimizer and scheduler."""
+    init: dict = {"from": config.init}
     if config.init == "scratch":
         model = create_model(config.architecture)
     else:
-        model, info = load_model(config.init, None if config.architecture == "resnet50nodown" else config.architecture)
-        log(f"initialised from {config.init} ({info.architecture}, sha256 {info.sha256[:12]})")
-    arch = model.config.architecture
-    mean, std = input_scale(model.config, device)
-    model = model.to(device, memory_format=torch.channels_last)
+        model, info, reinit = load_backbone(config.init, None if config.architecture == "resnet50nodown" else config.architecture)
+        init.update(sha256=info.sha256, reinitialised=reinit)
+        run.log(f"initialised from {config.init} ({info.architecture}, sha256 {info.sha256[:12]})")
+        if reinit:
+            run.log("re-initialised the head, which does not fit this detector's single logit: "
+                    + "; ".join(f"{k} ({why})" for k, why in reinit.items()))
+    mean, std = input_scale(model.config, run.device)
+    model = model.to(run.device, memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=config.lr_patience)
+    net = model
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    history: list[dict] = []
-    step, best_auc, bad_epochs, elapsed_before = 0, -1.0, 0, 0.0
-    if config.resume and state_path.exists():
-        meta = _load_state(state_path, model, optimizer, scheduler)
-        step, best_auc, bad_epochs = meta["step"], meta["best_auc"], meta["bad_epochs"]
-        history, elapsed_before = meta["history"], meta["elapsed"]
-        log(f"resumed at step {step} (best validation AUC {best_auc:.4f})")
+        net = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return _Model(model, net, optimizer, scheduler, mean, std, init)
 
-    record = {
+
+def _resume(config: TrainConfig, run: _Run, m: _Model) -> _Progress:
+    """Where the run stands: the saved state of an earlier run with ``--resume``, else the start."""
+    progress = _Progress()
+    if config.resume and run.state_path.exists():
+        meta = _load_state(run.state_path, m.model, m.optimizer, m.scheduler)
+        progress = _Progress(meta["step"], meta["best_auc"], meta["bad_epochs"], meta["history"], meta["elapsed"])
+        run.log(f"resumed at step {progress.step} (best validation AUC {progress.best_auc:.4f})")
+    return progress
+
+
+def _record(config: TrainConfig, data: _Data, m: _Model) -> dict:
+    """What every checkpoint of the run says about how it was made."""
+    labels = data.table.labels
+    return {
         "config": config.to_dict(),
-        "data": {"train": config.train, "val": config.val, "n_train": len(train_items), "n_val": len(val_items),
-                 "n_train_real": sum(it.label == 0 for it in train_items),
-                 "n_train_fake": sum(it.label == 1 for it in train_items), "n_simulated_fakes": n_simulated},
+        "data": {"train": config.train, "val": config.val, "n_train": len(data.table), "n_val": len(data.val_crops),
+                 "n_train_real": int((labels == 0).sum()), "n_train_fake": int((labels == 1).sum()),
+                 "n_simulated_fakes": data.n_simulated, "n_twin_pairs": data.table.n_pairs},
+        "init": m.init,
         "versions": software_versions(),
         "git_commit": _git_commit(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    start = time.time()
-    stop_reason = "max_epochs"
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    while step < config.max_epochs * config.steps_per_epoch:
-        losses = []
-        for _ in range(config.steps_per_epoch):
-            x, y = _make_batch(train_items, weights, config, step, prior_q, rank=rank if world > 1 else None)
-            x, y = x.to(device), y.to(device)
-            with autocast(device, config.precision):
-                logits = net(normalise(x, mean, std))
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
-        stop = False
-        if rank == 0:
-            labels, val_logits = _validate(model, val_crops, device, config.precision)
-            val_auc = auc(labels, val_logits)
-            val_loss = logloss(labels, sigmoid(val_logits))
-        else:
-            val_auc = val_loss = float("nan")
-        if world > 1:  # every rank steps its scheduler with rank 0's validation figures
-            val_auc, val_loss = _broadcast_floats([val_auc, val_loss], device)
-        scheduler.step(val_auc)
-        elapsed = elapsed_before + time.time() - start
-        row = {"epoch": step // config.steps_per_epoch, "step": step, "train_loss": float(np.mean(losses)),
-               "val_auc": val_auc, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "minutes": elapsed / 60}
-        history.append(row)
-        improved = val_auc > best_auc
+
+def _train_epoch(config: TrainConfig, run: _Run, m: _Model, batches: Iterator, progress: _Progress) -> list[float]:
+    """``steps_per_epoch`` optimizer steps; returns their losses."""
+    losses = []
+    for _ in range(config.steps_per_epoch):
+        x, y, failures = next(batches)
+        for failure in failures:
+            run.log(f"replaced a training image that failed to decode: {failure}")
+        x, y = x.to(run.device), y.to(run.device)
+        with autocast(run.device, config.precision):
+            logits = m.net(normalise(x, m.mean, m.std))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        m.optimizer.step()
+        losses.append(loss.item())
+        progress.step += 1
+    return losses
+
+
+def _validate_and_checkpoint(config: TrainConfig, run: _Run, m: _Model, data: _Data, progress: _Progress,
+                             record: dict, losses: list[float]) -> None:
+    """Validate (rank 0), step the scheduler on every rank, and write checkpoints, state and history."""
+    if run.rank == 0:
+        labels, val_logits = _validate(m.model, data.val_crops, run.device, config.precision)
+        val_auc = auc(labels, val_logits)
+        val_loss = logloss(labels, sigmoid(val_logits))
+    else:
+        val_auc = val_loss = float("nan")
+    if run.world > 1:  # every rank steps its scheduler with rank 0's validation figures
+        val_auc, val_loss = _broadcast_floats([val_auc, val_loss], run.device)
+    m.scheduler.step(val_auc)
+    elapsed = progress.elapsed
+    row = {"epoch": progress.step // config.steps_per_epoch, "step": progress.step,
+           "train_loss": float(np.mean(losses)), "val_auc": val_auc, "val_loss": val_loss,
+           "lr": m.optimizer.param_groups[0]["lr"], "minutes": elapsed / 60}
+    progress.history.append(row)
+    improved = val_auc > progress.best_auc
+    if improved:
+        progress.best_auc, progress.bad_epochs = val_auc, 0
+    else:
+        progress.bad_epochs += 1
+    if run.rank == 0:
+        run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        meta = {**record, "step": progress.step, "best_auc": progress.best_auc, "bad_epochs": progress.bad_epochs,
+                "history": progress.history, "elapsed": elapsed, "architecture": m.model.config.architecture}
         if improved:
-            best_auc, bad_epochs = val_auc, 0
-        else:
-            bad_epochs += 1
-        if rank == 0:
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            meta = {**record, "step": step, "best_auc": best_auc, "bad_epochs": bad_epochs, "history": history,
-                    "elapsed": elapsed, "architecture": arch}
-            if improved:
-                _write_checkpoint(out / "best.safetensors", model, meta, labels, val_logits, config)
-            _write_checkpoint(out / "last.safetensors", model, meta, labels, val_logits, config)
-            _save_state(state_path, model, optimizer, scheduler, meta)
-            _write_history(out / "history.csv", history)
-            _plot_curves(history, out / "curves.png")
-        if bad_epochs >= config.early_stop_patience:
-            stop_reason = "early_stop"
-            stop = True
-        elif config.max_minutes is not None and (time.time() - start) / 60 >= config.max_minutes:
-            stop_reason = "time_budget"
-            stop = True
-        if world > 1:  # rank 0's clock decides, so that all ranks stop after the same epoch
-            stop = bool(_broadcast_floats([float(stop)], device)[0])
-        if stop:
-            break
-    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    if world > 1:
+            _write_checkpoint(run.out / "best.safetensors", m.model, meta, labels, val_logits, config)
+        _write_checkpoint(run.out / "last.safetensors", m.model, meta, labels, val_logits, config)
+        _save_state(run.state_path, m.model, m.optimizer, m.scheduler, meta)
+        _write_history(run.out / "history.csv", progress.history)
+        _plot_curves(progress.history, run.out / "curves.png")
+
+
+def _stop_decision(config: TrainConfig, run: _Run, progress: _Progress) -> str | None:
+    """``early_stop`` or ``time_budget`` when the run should stop now; rank 0 decides for all ranks."""
+    reason = None
+    if progress.bad_epochs >= config.early_stop_patience:
+        reason = "early_stop"
+    elif config.max_minutes is not None and (time.time() - progress.started) / 60 >= config.max_minutes:
+        reason = "time_budget"
+    if run.world > 1:  # rank 0's clock decides, so that all ranks stop after the same epoch
+        stop = bool(_broadcast_floats([float(reason is not None)], run.device)[0])
+        reason = (reason or "time_budget") if stop else None
+    return reason
+
+
+def _finish(run: _Run, m: _Model, record: dict, progress: _Progress, stop_reason: str) -> dict:
+    """The final record; under DDP, checks that every rank ends with the same weights."""
+    checksum = float(sum(p.detach().double().sum() for p in m.model.parameters()))
+    if run.world > 1:
         import torch.distributed as dist
 
-        sums = [None] * world
+        sums = [None] * run.world
         dist.all_gather_object(sums, checksum)
         record["ranks_agree"] = all(v == sums[0] for v in sums)
-        say(f"rank {rank}: weights checksum {checksum!r}; ranks agree: {record['ranks_agree']}")
+        run.say(f"rank {run.rank}: weights checksum {checksum!r}; ranks agree: {record['ranks_agree']}")
         dist.destroy_process_group()
-    log(f"stopped ({stop_reason}) at step {step}; best validation AUC {best_auc:.4f}")
-    return {**record, "step": step, "best_auc": best_auc, "stop_reason": stop_reason, "checksum": checksum}
+    run.log(f"stopped ({stop_reason}) at step {progress.step}; best validation AUC {progress.best_auc:.4f}")
+    return {**record, "step": progress.step, "best_auc": progress.best_auc, "stop_reason": stop_reason,
+            "checksum": checksum}
 
 
 def _write_checkpoint(path: Path, model, meta: dict, labels, logits, config: TrainConfig) -> None:

@@ -59,12 +59,15 @@ def augment(
     """One training crop ``(crop_size, crop_size, 3)`` uint8 from an image's RGB pixels.
 
     Images smaller than the crop give a smaller crop; the caller keeps them out of batches.
+    The random draws do not depend on ``was_jpeg`` or on the pixels, only on the image's size:
+    an aligned twin and its real photo given generators in the same state are cut and
+    augmented alike.
     """
     size = recipe.crop_size
     if recipe.jpeg_align:
         region = _random_crop(pixels, size + 16, rng)
+        q = int(rng.choice(prior_qualities)) if prior_qualities is not None and len(prior_qualities) else 90
         if not was_jpeg:
-            q = int(rng.choice(prior_qualities)) if prior_qualities is not None and len(prior_qualities) else 90
             region = reencode_jpeg(region, q)
         region = _random_crop(region, size + 8, rng)  # a new 8x8 grid phase for the second pass
         lo, hi = recipe.align_quality
