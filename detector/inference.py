@@ -161,7 +161,29 @@ class Prediction:
     height: int
 
 
-class Detector:
+class CalibratedVerdicts:
+    """Probabilities and labels from the calibration stored with the weights (``self.info``)."""
+
+    info: CheckpointInfo | None
+
+    @property
+    def temperature(self) -> float:
+        return self.info.temperature if self.info else 1.0
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold if self.info else 0.0
+
+    def probability(self, logit: float) -> float:
+        """Calibrated probability that the image is generated (see :meth:`CheckpointInfo.probability`)."""
+        return self.info.probability(logit) if self.info else float(sigmoid(logit))
+
+    def label(self, logit: float) -> str:
+        """``fake`` exactly when the calibrated probability is at least 0.5."""
+        return "fake" if self.probability(logit) >= 0.5 else "real"
+
+
+class Detector(CalibratedVerdicts):
     """A model ready to score images.
 
     Build it with :meth:`from_checkpoint`. ``precision`` ``bf16``/``fp16`` runs under autocast
@@ -215,22 +237,6 @@ class Detector:
     def resolve_settings(self, settings: PatchSettings) -> PatchSettings:
         """``settings`` with an unset tile margin replaced by :attr:`tile_margin`."""
         return settings if settings.margin is not None else dataclasses.replace(settings, margin=self.tile_margin)
-
-    @property
-    def temperature(self) -> float:
-        return self.info.temperature if self.info else 1.0
-
-    @property
-    def threshold(self) -> float:
-        return self.info.threshold if self.info else 0.0
-
-    def probability(self, logit: float) -> float:
-        """Calibrated probability that the image is generated (see :meth:`CheckpointInfo.probability`)."""
-        return self.info.probability(logit) if self.info else float(sigmoid(logit))
-
-    def label(self, logit: float) -> str:
-        """``fake`` exactly when the calibrated probability is at least 0.5."""
-        return "fake" if self.probability(logit) >= 0.5 else "real"
 
     def normalise(self, batch: Tensor) -> Tensor:
         """uint8 ``(N, 3, H, W)`` (any device) to the model's normalised float input on its device."""

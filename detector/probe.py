@@ -26,8 +26,8 @@ from torch import nn
 
 from .backbones import Backbone, BackboneConfig, BackboneError, create_backbone
 from .checkpoints import CheckpointError, CheckpointInfo, file_sha256, read_state_dict
-from .metrics import sigmoid
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from .inference import CalibratedVerdicts
 from .patches import VIEW_MODES, PatchSettings, encoder_views
 
 __all__ = ["PROBE_PREFIX", "LinearProbe", "ProbeConfig", "ProbeDetector", "find_encoder"]
@@ -106,7 +106,7 @@ def find_encoder(name: str, fingerprint: str, checkpoint: Path) -> str:
                         + ". In a checkout, `make weights/clip_vitb16.int8.onnx` fetches it.")
 
 
-class ProbeDetector:
+class ProbeDetector(CalibratedVerdicts):
     """A probe with its encoder, ready to score images; the interface of :class:`~detector.inference.Detector`."""
 
     def __init__(self, probe: LinearProbe, backbone: Backbone, config: ProbeConfig, info: CheckpointInfo | None = None,
@@ -147,21 +147,6 @@ class ProbeDetector:
                                   f"{backbone_cfg.input_size} px")
         info = CheckpointInfo(path=str(path), sha256=file_sha256(path), architecture=arch, metadata=metadata)
         return cls(probe, backbone, config, info, device=dev)
-
-    # --- calibration (the same rules as Detector) ---
-    @property
-    def temperature(self) -> float:
-        return self.info.temperature if self.info else 1.0
-
-    @property
-    def threshold(self) -> float:
-        return self.info.threshold if self.info else 0.0
-
-    def probability(self, logit: float) -> float:
-        return self.info.probability(logit) if self.info else float(sigmoid(logit))
-
-    def label(self, logit: float) -> str:
-        return "fake" if self.probability(logit) >= 0.5 else "real"
 
     # --- scoring ---
     def views(self, pixels: np.ndarray) -> np.ndarray:
