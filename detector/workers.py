@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["in_workers"]
+__all__ = ["die_with_parent", "in_workers"]
 
 
 class _Jobs(Dataset):
@@ -36,7 +36,7 @@ def _unbatched(item):
     return item
 
 
-def _die_with_parent(parent: int, worker_id: int) -> None:
+def die_with_parent(parent: int, worker_id: int) -> None:
     """Make a worker exit when its parent dies, even by SIGKILL (Linux)."""
     if sys.platform.startswith("linux"):
         try:
@@ -62,5 +62,5 @@ def in_workers(
     return iter(DataLoader(
         _Jobs(fn, jobs), batch_size=None, shuffle=False, num_workers=n, collate_fn=_unbatched,
         prefetch_factor=prefetch if n else None, pin_memory=pin_memory, persistent_workers=False,
-        worker_init_fn=partial(_die_with_parent, os.getpid()) if n else None,
+        worker_init_fn=partial(die_with_parent, os.getpid()) if n else None,
     ))

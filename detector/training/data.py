@@ -282,12 +282,12 @@ def training_batches(plan: BatchPlan, samples: TrainingSamples, workers: int, pi
     ``workers`` processes decode ahead of the network (0: in this process). The loader is given
     its own generator so that it does not consume the global torch random state.
     """
-    from ..scanning import _die_with_parent
+    from ..workers import die_with_parent
 
     loader = DataLoader(
         samples, batch_sampler=plan, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
         prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(plan.seed),
-        worker_init_fn=partial(_die_with_parent, os.getpid()) if workers else None,
+        worker_init_fn=partial(die_with_parent, os.getpid()) if workers else None,
     )
     return iter(loader)
 
