@@ -112,6 +112,9 @@ class OnnxClipEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0
         options.log_severity_level = 3
+        # The encoder shares the CPU with the ResNet-50 in the same process: idle threads must sleep,
+        # not spin, or they steal the cores torch is computing on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

@@ -49,6 +49,7 @@ __all__ = [
     "read_metadata",
     "read_state_dict",
     "save_checkpoint",
+    "tensors_sha256",
     "validate_metadata",
     "with_metadata",
 ]
@@ -70,6 +71,11 @@ class CheckpointInfo:
     sha256: str
     architecture: str = "resnet50nodown"
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def tensors_sha256(self) -> str:
+        """sha256 of the weights alone (see :func:`tensors_sha256`): what a raw score depends on."""
+        return tensors_sha256(self.path)
 
     @property
     def temperature(self) -> float:
@@ -102,6 +108,22 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, recorded in every output that used it."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a checkpoint's tensors without its metadata: for safetensors, the bytes after the
+    header; else the whole file. Recalibrating (:func:`with_metadata`) leaves it unchanged, so
+    scores cached for the old file stay valid for the new one."""
+    path = Path(path)
+    if not _is_safetensors(path):
+        return file_sha256(path, chunk)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + header_len)
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()

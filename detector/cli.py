@@ -78,17 +78,14 @@ def _load_one(path: Path, architecture: str | None, device: str, precision: str)
 
 def _load_models(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
                  fusion_models: str | None = None):
-    """The detector(s) to run: the given --weights (several are fused), else the default model set.
-
-    Returns ``(members, names, rule)``.
-    """
+    """The detector(s) to run as an :class:`~detector.inference.Ensemble`: the given --weights
+    (several are fused, with equal say), else the default model set (its rule and weights)."""
     from .checkpoints import CheckpointError
-    from .inference import load_ensemble
+    from .inference import Ensemble, load_ensemble, tune_process
 
     if weights:
         members = [_load_one(Path(w), architecture, device, precision) for w in weights]
-        names = [Path(w).stem for w in weights]
-        return members, names, fusion_models or "mean"
+        return Ensemble(members, [Path(w).stem for w in weights], fusion_models or "mean")
     if architecture:
         _fail("--arch applies to a published checkpoint given with --weights")
     model_set = _default_model_set()
@@ -97,12 +94,16 @@ def _load_models(weights: tuple[str, ...], architecture: str | None, device: str
         if path is None:
             _fail(f"no default weights found ({DEFAULT_WEIGHTS_NAME} is neither in {ENV_VAR} nor installed with the "
                   "package nor in this checkout's weights/); pass --weights")
-        return [_load_one(path, None, device, precision)], [path.stem], fusion_models or "mean"
+        return Ensemble([_load_one(path, None, device, precision)], [path.stem], fusion_models or "mean")
     try:
         ensemble = load_ensemble(model_set, device=device, precision=precision, warn=_warn)
     except (CheckpointError, ValueError) as err:
         _fail(str(err))
-    return ensemble.members, ensemble.names, fusion_models or ensemble.rule
+    for member in ensemble.members:
+        tune_process(member.device)
+    if fusion_models:
+        ensemble.rule = fusion_models
+    return ensemble
 
 
 def _patch_options(f):
@@ -200,13 +201,11 @@ def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report
     """
     from .images import InputError
     from .scanning import ScanOptions
-    from .inference import Ensemble
     from .scanning import scan as run
 
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
-    members, names, rule = _load_models(weights, architecture, device, precision, fusion_models)
+    detector = _load_models(weights, architecture, device, precision, fusion_models)
     try:
-        detector = Ensemble(members, names, rule)
         options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
         summary = run(inputs, detector, output, options)
@@ -345,15 +344,18 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
 
 @main.command()
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+@click.option("--data", multiple=True, type=click.Path(exists=True),
               help="Labelled calibration images (any layout `evaluate` reads), from sources training did not use.")
+@click.option("--from-evaluation", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Instead of --data: a `detector evaluate` folder that scored these weights on images as stored; "
+                   "its scores are used without scoring again.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="The recalibrated checkpoint (same tensors, new calibration in its metadata).")
 @click.option("--target-far", type=float, default=None,
               help="Put the threshold at this false-alarm rate on the calibration reals (default: Platt's 0.5 point).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @_patch_options
-def calibrate(weights, data, output, target_far, quiet, mode, patch_size, num_patches, layout, seed, fusion, tile_size,
+def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, patch_size, num_patches, layout, seed, fusion, tile_size,
               tile_margin, device, precision, batch_size, workers, max_pixels, architecture) -> None:
     """Fit a checkpoint's probability calibration on labelled images scored exactly as `scan` scores them.
 
@@ -363,26 +365,33 @@ def calibrate(weights, data, output, target_far, quiet, mode, patch_size, num_pa
     are uncalibrated for them.
 
     \b
-    Example:
+    Examples:
       detector calibrate weights/resnet50nodown_dev.safetensors --data data/splits/val.csv -o recalibrated.safetensors
+      detector evaluate data/splits/val.csv -o eval/val && \
+        detector calibrate weights/resnet50nodown_dev.safetensors --from-evaluation eval/val -o recalibrated.safetensors
     """
     import pandas as pd
 
-    from .checkpoints import with_metadata
+    from .checkpoints import file_sha256, with_metadata
     from .datasets import read_labelled
     from .images import InputError
-    from .training.calibration import calibrate_detector
+    from .training.calibration import calibrate_detector, calibration_from_evaluation
 
-    settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
-    detector = _load_one(Path(weights), architecture, device, precision)
+    if bool(data) == bool(from_evaluation):
+        _fail("give either --data or --from-evaluation")
     try:
-        table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
-        calibration = calibrate_detector(detector, table, settings, fusion=fusion, target_far=target_far,
-                                         max_pixels=max_pixels, log=(lambda m: None) if quiet else
-                                         (lambda m: click.echo(m, err=True)))
+        if from_evaluation:
+            calibration = calibration_from_evaluation(from_evaluation, file_sha256(weights), target_far=target_far)
+        else:
+            settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
+            detector = _load_one(Path(weights), architecture, device, precision)
+            table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
+            calibration = calibrate_detector(detector, table, settings, fusion=fusion, target_far=target_far,
+                                             max_pixels=max_pixels, log=(lambda m: None) if quiet else
+                                             (lambda m: click.echo(m, err=True)))
     except (InputError, ValueError) as err:
         _fail(str(err))
-    record = {**calibration.to_dict(), "data": [str(d) for d in data]}
+    record = {**calibration.to_dict(), "data": [str(d) for d in data] or [f"evaluation {from_evaluation}"]}
     sha = with_metadata(weights, output, {"calibration": record})
     click.echo(f"temperature {calibration.temperature:.4g}, threshold {calibration.threshold:.4g} "
                f"({calibration.rule}, {calibration.n_real} real, {calibration.n_fake} generated) -> {output} "
@@ -577,9 +586,10 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
                 _fail("--labels is for `detector scan` output CSVs; DATA here carries its own labels")
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
             click.echo(f"read {class_counts(table)}", err=True)
-            detectors, names, rule = _load_models(weights, architecture, device, precision, fusion_models)
-            options = dataclasses.replace(options, model_fusion=rule)
-            result = run(table, detectors, output_dir, options, names=names, inputs=[str(d) for d in data])
+            models = _load_models(weights, architecture, device, precision, fusion_models)
+            options = dataclasses.replace(options, model_fusion=models.rule,
+                                          model_weights=tuple(models.weights) if models.weights else None)
+            result = run(table, models.members, output_dir, options, names=models.names, inputs=[str(d) for d in data])
     except (InputError, ValueError, FileExistsError, RuntimeError) as err:
         _fail(str(err))
     click.echo(summary_table(result.metrics))

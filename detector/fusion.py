@@ -105,15 +105,24 @@ def combine_crops(
     raise ValueError(f"mode must be 'full' or 'patches', got {mode!r}")
 
 
-def fuse_margins(margins: np.ndarray, rule: str = "mean") -> np.ndarray:
+def fuse_margins(margins: np.ndarray, rule: str = "mean", *, weights: np.ndarray | None = None) -> np.ndarray:
     """Fuse calibrated logits ``(n_images, n_models)`` into one calibrated logit per image.
 
     The result is again a margin: ``sigmoid`` of it is the fused probability, and it is >= 0
-    exactly when the fused decision is "generated". A NaN in a row gives NaN.
+    exactly when the fused decision is "generated". A NaN in a row gives NaN. ``weights`` (one per
+    model, >= 0, not all 0) weight the ``mean``; for ``max`` and ``soft-or`` a model of weight 0
+    takes no part. A model of weight 0 is scored and reported but does not decide.
     """
     z = np.asarray(margins, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] == 0:
         raise ValueError(f"margins must be (n_images, n_models), got shape {z.shape}")
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (z.shape[1],) or (w < 0).any() or not w.any() or not np.isfinite(w).all():
+            raise ValueError(f"weights must be {z.shape[1]} finite values >= 0, not all 0; got {weights!r}")
+        if rule == "mean":
+            return (z * w).sum(axis=1) / w.sum()
+        z = z[:, w > 0]
     if rule == "mean":
         return z.mean(axis=1)
     if rule == "max":

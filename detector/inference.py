@@ -302,6 +302,7 @@ class Detector(CalibratedVerdicts):
         return {
             "weights": self.info.path if self.info else None,
             "weights_sha256": self.info.sha256 if self.info else None,
+            "tensors_sha256": self.info.tensors_sha256 if self.info else None,
             "architecture": self.config.architecture,
             "device": str(self.device),
             "precision": self.precision,
@@ -332,11 +333,14 @@ class Ensemble:
     margin, the margins are fused by ``rule``, and the fused margin's sigmoid is the probability.
     """
 
-    def __init__(self, members: list, names: list[str], rule: str = "mean") -> None:
+    def __init__(self, members: list, names: list[str], rule: str = "mean", weights: list[float] | None = None) -> None:
         from .fusion import MODEL_FUSION_RULES
 
         if not members or len(members) != len(names):
             raise ValueError("an ensemble needs one name per member and at least one member")
+        if weights is not None and (len(weights) != len(members) or min(weights) < 0 or not any(weights)):
+            raise ValueError(f"an ensemble needs one weight >= 0 per member, not all 0; got {weights}")
+        self.weights = None if weights is None else [float(w) for w in weights]
         if sum(isinstance(m, Detector) for m in members) > 1:
             raise ValueError("an ensemble holds at most one convolutional detector")
         if rule not in MODEL_FUSION_RULES:
@@ -356,19 +360,22 @@ class Ensemble:
         from .fusion import fuse_margins
 
         margins = [m.info.margin(z) if m.info else z for m, z in zip(self.members, logits)]
-        return float(fuse_margins(np.array([margins]), self.rule)[0])
+        return float(fuse_margins(np.array([margins]), self.rule, weights=self.weights)[0])
 
     def describe(self) -> dict:
-        return {"fusion": self.rule, "members": {n: m.describe() for n, m in zip(self.names, self.members)}}
+        return {"fusion": self.rule, "weights": self.weights,
+                "members": {n: m.describe() for n, m in zip(self.names, self.members)}}
 
 
 def load_ensemble(spec: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
                   threads: int | None = None, warn=None) -> Ensemble:
     """The models a JSON spec names, fused by its rule (the bundled default is ``weights/detector.json``).
 
-    The spec: ``{"models": [{"name": ..., "weights": FILE}, ...], "fusion": "mean"}`` with files
-    relative to the spec's folder. A probe whose encoder file is missing is left out with one
-    message through ``warn`` (the rest still runs); any other problem is an error.
+    The spec: ``{"models": [{"name": ..., "weights": FILE, "weight": 1.0}, ...], "fusion": "mean"}``
+    with files relative to the spec's folder; ``weight`` (default 1) is the model's say in the fused
+    verdict, 0 for a model that is scored and shown but does not decide (see
+    :func:`detector.fusion.fuse_margins`). A probe whose encoder file is missing is left out with
+    one message through ``warn`` (the rest still runs); any other problem is an error.
     """
     import json
 
@@ -377,19 +384,25 @@ def load_ensemble(spec: str | os.PathLike, *, device: str = "auto", precision: s
     spec = Path(spec)
     try:
         config = json.loads(spec.read_text(encoding="utf-8"))
-        entries = [(str(m["name"]), spec.parent / str(m["weights"])) for m in config["models"]]
+        entries = [(str(m["name"]), spec.parent / str(m["weights"]), float(m.get("weight", 1.0)))
+                   for m in config["models"]]
         rule = str(config.get("fusion", "mean"))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{spec}: not a model-set file ({err})") from None
-    members, names = [], []
-    for name, path in entries:
+    members, names, weights = [], [], []
+    for name, path, weight in entries:
         try:
             members.append(load_detector(path, device=device, precision=precision, threads=threads))
             names.append(name)
+            weights.append(weight)
         except BackboneError as err:
             if warn is None:
                 raise
             warn(f"{err} Scoring without the {name} model.")
     if not members:
         raise ValueError(f"{spec}: none of its models could be loaded")
-    return Ensemble(members, names, rule)
+    if not any(weights):  # the deciding models are missing: let the rest decide, with equal say
+        if warn is not None and len(members) < len(entries):
+            warn(f"the models left of {spec.name} had no say in its verdict; they decide alone now")
+        weights = [1.0] * len(members)
+    return Ensemble(members, names, rule, weights)

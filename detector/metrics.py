@@ -235,12 +235,12 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, *,
     return float(ece)
 
 
-def logloss(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Negative log-likelihood of the labels under the probabilities (natural log)."""
+def logloss(labels: np.ndarray, probabilities: np.ndarray, *, sample_weight: np.ndarray | None = None) -> float:
+    """Negative log-likelihood of the labels under the probabilities (natural log), optionally weighted."""
     y, p = _check(labels, probabilities)
     if y.size == 0:
         return float("nan")
-    return float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]))
+    return float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1], sample_weight=sample_weight))
 
 
 def summary(

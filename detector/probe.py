@@ -180,6 +180,7 @@ class ProbeDetector(CalibratedVerdicts):
         return {
             "weights": self.info.path if self.info else None,
             "weights_sha256": self.info.sha256 if self.info else None,
+            "tensors_sha256": self.info.tensors_sha256 if self.info else None,
             "architecture": self.info.architecture if self.info else PROBE_PREFIX,
             "backbone": self.backbone.config.name,
             "backbone_sha256": self.backbone.config.fingerprint,

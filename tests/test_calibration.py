@@ -16,16 +16,18 @@ from detector.training.calibration import fit_calibration, fit_platt
 from .conftest import seeded_model
 
 
-def test_platt_matches_an_unregularised_logistic_regression():
+def test_platt_matches_a_class_balanced_unregularised_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(0)
-    y = np.r_[np.zeros(300), np.ones(300)]
-    s = np.r_[rng.normal(-1, 1.5, 300), rng.normal(2, 1.5, 300)] * 3 + 5
+    y = np.r_[np.zeros(100), np.ones(300)]  # uneven classes: the fit must not follow the 75% base rate
+    s = np.r_[rng.normal(-1, 1.5, 100), rng.normal(2, 1.5, 300)] * 3 + 5
     temperature, threshold = fit_platt(y, s)
-    lr = LogisticRegression(C=1e9, max_iter=1000).fit(s[:, None], y)
+    lr = LogisticRegression(C=1e9, max_iter=1000, class_weight="balanced").fit(s[:, None], y)
     a, b = lr.coef_[0, 0], lr.intercept_[0]
     assert temperature == pytest.approx(1 / a, rel=1e-3) and threshold == pytest.approx(-b / a, rel=1e-3)
+    plain = LogisticRegression(C=1e9, max_iter=1000).fit(s[:, None], y)
+    assert abs(-plain.intercept_[0] / plain.coef_[0, 0] - threshold) > 0.5  # the base rate would move it
 
 
 def test_a_score_that_does_not_separate_gets_uninformative_probabilities():

@@ -70,6 +70,12 @@ def test_model_fusion_rules():
     assert np.isnan(p[2])
     with pytest.raises(ValueError, match="model fusion"):
         fuse_margins(z, "vote")
+    # weights: a model of weight 0 is reported but does not decide
+    assert np.allclose(fuse_margins(z[:2], "mean", weights=[1.0, 0.0]), z[:2, 0])
+    assert np.allclose(fuse_margins(z[:2], "mean", weights=[3.0, 1.0]), [0.0, 1.25])
+    assert np.allclose(fuse_margins(z[:2], "max", weights=[0.0, 1.0]), z[:2, 1])
+    with pytest.raises(ValueError, match="weights"):
+        fuse_margins(z, "mean", weights=[0.0, 0.0])
 
 
 def test_onnx_backbone_embeddings_on_the_fixture(encoder, fixture_dir):
@@ -140,8 +146,9 @@ def test_default_set_fuses_both_models_and_a_missing_encoder_is_said_once(traine
                     {"calibration": {"temperature": 2.0, "threshold": 0.1}}, dtype=None)
     shutil.copy(path, weights / "probe.safetensors")
     spec = weights / "detector.json"
-    spec.write_text(json.dumps({"models": [{"name": "resnet", "weights": "resnet.safetensors"},
-                                           {"name": "clip", "weights": "probe.safetensors"}], "fusion": "mean"}))
+    spec.write_text(json.dumps({"models": [{"name": "resnet", "weights": "resnet.safetensors", "weight": 1.0},
+                                           {"name": "clip", "weights": "probe.safetensors", "weight": 3.0}],
+                                "fusion": "mean"}))
     monkeypatch.setenv("DETECTOR_WEIGHTS", str(weights))  # a folder holding the default model set
     images = tmp_path / "images"
     images.mkdir()
@@ -158,8 +165,9 @@ def test_default_set_fuses_both_models_and_a_missing_encoder_is_said_once(traine
     ensemble = load_ensemble(spec, device="cpu")
     assert isinstance(ensemble, Ensemble) and ensemble.names == ["resnet", "clip"]
     row = df.iloc[0]
-    expected = np.mean([ensemble.members[0].info.margin(row["logit_resnet"]),
-                        ensemble.members[1].info.margin(row["logit_clip"])])
+    assert ensemble.weights == [1.0, 3.0]
+    expected = np.average([ensemble.members[0].info.margin(row["logit_resnet"]),
+                           ensemble.members[1].info.margin(row["logit_clip"])], weights=[1.0, 3.0])
     assert row["logit"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
     # without the encoder: one message, and the ResNet alone scores

@@ -34,13 +34,17 @@ def _package_version() -> str:
 def settings_key(model: dict, options: EvalOptions, condition: str) -> str:
     """The cache key of a model's scores under ``options`` and ``condition`` (a hex digest).
 
-    ``model`` is :meth:`Detector.describe`: its weights sha256, architecture, device, precision and
-    torch version count, its file path does not; so does this package's version, since a new
-    version may compute a score differently.
+    ``model`` is :meth:`Detector.describe`: the sha256 of its tensors (not of the file, whose
+    calibration a rescore does not depend on: a recalibrated checkpoint reuses its scores),
+    architecture, device, precision and torch version count, and for a probe its encoder and views;
+    its file path does not; so does this package's version, since a new version may compute a
+    score differently.
     """
-    payload = {"weights_sha256": model.get("weights_sha256"), "architecture": model.get("architecture"),
-               "device": model.get("device"), "precision": model.get("precision"), "torch": model.get("torch"),
-               "detector": _package_version(), "scoring": options.scoring_settings(), "condition": condition}
+    payload = {"weights_sha256": model.get("tensors_sha256") or model.get("weights_sha256"),
+               "architecture": model.get("architecture"), "device": model.get("device"),
+               "precision": model.get("precision"), "torch": model.get("torch"), "detector": _package_version(),
+               "scoring": options.scoring_settings(), "condition": condition,
+               **{k: model[k] for k in ("backbone_sha256", "feature", "views", "view_mode") if k in model}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 
 

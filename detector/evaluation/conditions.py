@@ -96,6 +96,7 @@ class EvalOptions:
     patches: PatchSettings = field(default_factory=PatchSettings)
     fusion: str = "mean"
     model_fusion: str = "mean"
+    model_weights: tuple[float, ...] | None = None  # each model's say in the fused column (None: equal)
     align_jpeg: int | None = None
     center_crop: int | None = None
     perturbations: tuple[Perturbation, ...] = ()

@@ -57,7 +57,8 @@ def model_names(stems: Sequence[str]) -> list[str]:
     return names
 
 
-def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "mean") -> tuple[np.ndarray, ModelSpec]:
+def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "mean",
+                weights: Sequence[float] | None = None) -> tuple[np.ndarray, ModelSpec]:
     """Fuse the logits ``(n_images, n_models)`` of several models into one calibrated logit per image.
 
     Each model's logits become its calibrated margin (:meth:`ModelSpec.margin`), which is positive
@@ -71,7 +72,7 @@ def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "me
     if z.ndim != 2 or z.shape[1] != len(models):
         raise ValueError(f"logits must be (n_images, {len(models)}), got {z.shape}")
     margins = np.stack([m.margin(z[:, k]) for k, m in enumerate(models)], axis=1)
-    return fuse_margins(margins, rule), ModelSpec("fused", threshold=0.0, temperature=1.0)
+    return fuse_margins(margins, rule, weights=weights), ModelSpec("fused", threshold=0.0, temperature=1.0)
 
 
 @dataclass(frozen=True)
@@ -165,13 +166,14 @@ def group_metrics(
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
-def with_fusion(frames: dict[str, pd.DataFrame], models: Sequence[ModelSpec], rule: str) -> list[ModelSpec]:
+def with_fusion(frames: dict[str, pd.DataFrame], models: Sequence[ModelSpec], rule: str,
+                weights: Sequence[float] | None = None) -> list[ModelSpec]:
     """Add the fused column to every frame when there are several models; the models to report."""
     if len(models) < 2:
         return list(models)
     fused = None
     for df in frames.values():
-        df["logit_fused"], fused = fuse_models(df[[m.column for m in models]].to_numpy(), models, rule)
+        df["logit_fused"], fused = fuse_models(df[[m.column for m in models]].to_numpy(), models, rule, weights)
     return [*models, fused]
 
 

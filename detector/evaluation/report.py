@@ -90,7 +90,7 @@ def write_report(
     frames: dict[str, pd.DataFrame], models: Sequence[ModelSpec], output_dir: Path, options: EvalOptions, record: dict,
 ) -> EvalResult:
     """Metrics, tables, plots and the run record from per-condition score tables."""
-    reported = with_fusion(frames, models, options.model_fusion)
+    reported = with_fusion(frames, models, options.model_fusion, options.model_weights)
     clean = frames[CLEAN]
     groups = metric_groups(clean)
     kwargs = {"n_boot": options.n_boot, "seed": options.seed}

@@ -1,7 +1,9 @@
 """Post-hoc calibration fitted on validation scores: one meaning for a probability and a verdict.
 
 Platt scaling (Platt 1999): ``p = sigmoid(a * logit + b)`` with ``a > 0`` and ``b`` minimising
-the validation log loss. It is stored as a temperature ``T = 1 / a`` and a threshold
+the validation log loss, each class weighing half: the probability is that of "generated" under
+even odds, because the share of generated images in a user's material is unknown (and a
+validation set's share, 62% here, is an accident of collection that would tilt every verdict). It is stored as a temperature ``T = 1 / a`` and a threshold
 ``t = -b / a``, so that ``p = sigmoid((logit - t) / T)`` and an image is called generated exactly
 when ``p >= 0.5``, i.e. when its logit reaches ``t``. With ``target_far`` the threshold is instead
 the lowest logit whose false-alarm rate on validation reals is at most ``target_far``, and only
@@ -19,7 +21,8 @@ from scipy.optimize import minimize, minimize_scalar
 
 from ..metrics import equal_error_rate, logloss, sigmoid, threshold_at_far
 
-__all__ = ["Calibration", "calibrate_detector", "fit_calibration", "fit_platt", "fit_temperature"]
+__all__ = ["Calibration", "calibrate_detector", "calibration_from_evaluation", "fit_calibration", "fit_platt",
+           "fit_temperature"]
 
 _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
 
@@ -42,18 +45,25 @@ def _both(y: np.ndarray) -> None:
         raise ValueError("calibration needs both real and generated images")
 
 
+def _even_odds(y: np.ndarray) -> np.ndarray:
+    """Sample weights giving each class half of the total."""
+    y = np.asarray(y).astype(int)
+    return np.where(y == 1, 0.5 / max(1, (y == 1).sum()), 0.5 / max(1, (y == 0).sum())) * y.size
+
+
 def fit_temperature(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.0) -> float:
-    """The ``T`` in [0.01, 100] minimising the log loss of ``sigmoid((logits - threshold) / T)``."""
+    """The ``T`` in [0.01, 100] minimising the even-odds log loss of ``sigmoid((logits - threshold) / T)``."""
     y = np.asarray(labels)
     s = np.asarray(logits, dtype=np.float64) - threshold
     _both(y)
-    res = minimize_scalar(lambda log_t: logloss(y, sigmoid(s, float(np.exp(log_t)))), bounds=_LOG_T_BOUNDS,
-                          method="bounded")
+    w = _even_odds(y)
+    res = minimize_scalar(lambda log_t: logloss(y, sigmoid(s, float(np.exp(log_t))), sample_weight=w),
+                          bounds=_LOG_T_BOUNDS, method="bounded")
     return float(np.exp(res.x))
 
 
 def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    """``(temperature, threshold)`` of the Platt fit ``sigmoid(a * logit + b)`` with ``a > 0``.
+    """``(temperature, threshold)`` of the even-odds Platt fit ``sigmoid(a * logit + b)`` with ``a > 0``.
 
     A score that ranks reals above fakes on validation (``a`` would be negative) gets the largest
     temperature and the equal-error threshold: probabilities near 0.5, as uninformative as it is.
@@ -64,8 +74,10 @@ def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     centre, spread = float(np.mean(s)), float(np.std(s)) or 1.0
     u = (s - centre) / spread  # fit in standardised units, then map back
 
+    w = _even_odds(y)
+
     def nll(params: np.ndarray) -> float:
-        return logloss(y, sigmoid(np.exp(params[0]) * u + params[1]))
+        return logloss(y, sigmoid(np.exp(params[0]) * u + params[1]), sample_weight=w)
 
     res = minimize(nll, x0=np.array([0.0, 0.0]), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
     if res.x[0] < np.log(1e-3):  # no usable slope: the score does not separate the classes this way
@@ -115,3 +127,38 @@ def calibrate_detector(detector, table, settings, *, fusion: str = "mean", targe
     resolved = detector.resolve_settings(settings) if hasattr(detector, "resolve_settings") else settings
     record = {"patches": asdict(resolved), "fusion": fusion} if hasattr(detector, "resolve_settings") else {}
     return fit_calibration(np.array(labels), np.array(logits), target_far=target_far, settings=record)
+
+
+def calibration_from_evaluation(folder, sha256: str, *, target_far: float | None = None) -> Calibration:
+    """Fit a checkpoint's calibration on the scores a ``detector evaluate`` run already computed.
+
+    ``folder`` is the evaluation's output; the model is found in its ``run.json`` by the weights'
+    ``sha256``. The images must have been scored as stored (no ``--align-jpeg``, ``--center-crop``
+    or perturbations), so the scores are those ``scan`` gives with the recorded cutting settings.
+    """
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    folder = Path(folder)
+    try:
+        run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        scores = pd.read_csv(folder / "scores.csv")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: not a `detector evaluate` output ({err})") from None
+    settings = run.get("settings", {})
+    if settings.get("align_jpeg") or settings.get("center_crop") or settings.get("perturbations"):
+        raise ValueError(f"{folder}: its images were re-encoded, cropped or perturbed before scoring; calibrate on "
+                         f"an evaluation of the images as stored")
+    model = next((m for m in run.get("models", []) if m.get("weights_sha256") == sha256), None)
+    if model is None:
+        raise ValueError(f"{folder}: none of its models has these weights (sha256 {sha256[:12]}...)")
+    column = f"logit_{model['name']}"
+    usable = scores[scores[column].notna()] if column in scores else None
+    if usable is None or usable.empty:
+        raise ValueError(f"{folder}: scores.csv has no usable {column} column")
+    is_conv = not str(model.get("architecture", "")).startswith("clip-probe")
+    record = {"patches": settings.get("patches"), "fusion": settings.get("fusion")} if is_conv else {}
+    return fit_calibration(usable["label"].to_numpy(), usable[column].to_numpy(), target_far=target_far,
+                           settings=record)
