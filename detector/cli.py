@@ -48,10 +48,10 @@ def _fail(message: str) -> None:
 def main() -> None:
     """Tell AI-generated images from real photographs.
 
-    Two detectors decide together by default: the no-downsample ResNet-50 of Gragnaniello et al.
-    (ICME 2021) and Corvi et al. (ICASSP 2023), which looks for pixel-level generation traces, and
-    a linear probe on frozen CLIP features (Ojha et al. 2023; Cozzolino et al. 2024). Start with
-    `detector scan FOLDER`.
+    Two detectors score every image by default: a linear probe on frozen CLIP features (Ojha et al.
+    2023; Cozzolino et al. 2024), which gives the verdict, and the no-downsample ResNet-50 of
+    Gragnaniello et al. (ICME 2021) and Corvi et al. (ICASSP 2023), which looks for pixel-level
+    generation traces and is reported beside it. Start with `detector scan FOLDER`.
     """
 
 
@@ -177,7 +177,7 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--weights", multiple=True, type=click.Path(dir_okay=False),
               help="Checkpoint (safetensors, a published .pth, or a CLIP probe); repeat it to fuse several. "
-                   "Default: the bundled model set (ResNet-50 and CLIP probe, fused).")
+                   "Default: the bundled model set (weights/detector.json: the CLIP probe decides, the ResNet-50 is reported).")
 @click.option("--fusion-models", type=click.Choice(["mean", "max", "soft-or"]), default=None,
               help="How several models' calibrated logits are fused (default: the model set's rule, else mean).")
 @click.option("--output", "-o", default="results.csv", show_default=True, type=click.Path(dir_okay=False),
