@@ -333,7 +333,10 @@ def _build_for(path: Path, state: dict[str, Tensor], metadata: dict, architectur
         raise CheckpointError(
             f"{path}: was trained as {metadata['architecture']!r}, not {architecture!r}; drop --arch"
         )
-    model = create_model(arch)
+    try:
+        model = create_model(arch)
+    except ValueError as err:  # e.g. a probe checkpoint, which detector.inference.load_detector loads
+        raise CheckpointError(f"{path}: {err}") from None
     if arch.startswith("timm:"):
         # timm models live under .net in TimmClassifier; accept checkpoints saved from the bare timm model
         if not any(k.startswith("net.") for k in state):

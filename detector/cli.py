@@ -313,27 +313,41 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
     """
     import json
 
-    from .checkpoints import CheckpointError, load_model
+    from .backbones import BackboneError
+    from .checkpoints import CheckpointError, load_model, read_metadata
 
     try:
-        model, info = load_model(checkpoint, architecture)
-    except CheckpointError as err:
+        if str(read_metadata(checkpoint).get("architecture", "")).startswith("clip-probe:"):
+            from .probe import ProbeDetector
+
+            if architecture:
+                _fail(f"{checkpoint}: is a CLIP probe checkpoint; --arch does not apply to it")
+            detector = ProbeDetector.from_checkpoint(checkpoint, device="cpu")
+            info, n_params = detector.info, int(detector.probe.weight.numel()) + 1
+            extra = [("encoder", f"{detector.backbone.config.name} ({detector.backbone.config.feature}, sha256 "
+                                 f"{detector.backbone.config.fingerprint[:12]}...), {detector.config.views} "
+                                 f"{detector.config.view_mode} view(s)")]
+        else:
+            model, info = load_model(checkpoint, architecture)
+            n_params, extra = sum(p.numel() for p in model.parameters()), []
+    except (CheckpointError, BackboneError) as err:
         _fail(str(err))
     if as_json:
         click.echo(json.dumps(info.metadata, indent=2, sort_keys=True, default=str))
         return
-    n_params = sum(p.numel() for p in model.parameters())
     meta = info.metadata
+    size = f"{n_params / 1e6:.1f} M parameters" if n_params >= 1e5 else f"{n_params} parameters"
     lines = [
         ("file", info.path),
         ("sha256", info.sha256),
-        ("architecture", f"{info.architecture} ({n_params / 1e6:.1f} M parameters)"),
+        ("architecture", f"{info.architecture} ({size})"),
+        *extra,
         ("calibration", f"temperature {info.temperature:.4g}, threshold {info.threshold:.4g}"
                         + (f" ({meta['calibration'].get('rule')})" if "calibration" in meta else " (none stored)")),
         ("placeholder", "yes: scores mean nothing" if info.is_placeholder else "no"),
     ]
     if "val_auc" in meta:
-        lines.append(("validation AUC", f"{meta['val_auc']:.4f} at step {meta.get('step')}"))
+        lines.append(("validation AUC", f"{meta['val_auc']:.4f}" + (f" at step {meta['step']}" if "step" in meta else "")))
     if "data" in meta:
         lines.append(("trained on", f"{meta['data'].get('train')} ({meta['data'].get('n_train')} images)"))
     if "git_commit" in meta:

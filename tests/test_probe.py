@@ -208,3 +208,14 @@ def test_evaluate_scores_the_probe_beside_the_resnet_and_fuses_them(trained_prob
     metrics = pd.read_csv(out / "metrics.csv")
     assert any(g.startswith("real:") for g in metrics["group"].unique())  # one row per real-photo source
     assert (out / "report.html").is_file()
+
+
+def test_info_shows_a_probe_and_load_model_refuses_it_in_one_line(trained_probe):
+    from detector.checkpoints import CheckpointError, load_model
+
+    path, _, _ = trained_probe
+    done = CliRunner().invoke(main, ["info", str(path)])
+    assert done.exit_code == 0, done.output
+    assert "clip-probe:clip:onnx:" in done.output and "encoder" in done.output and "platt" in done.output
+    with pytest.raises(CheckpointError, match="probe"):
+        load_model(path)
