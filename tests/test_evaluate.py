@@ -239,7 +239,8 @@ def test_metrics_equal_sklearn_on_scores_csv(run):
             assert m("acc_real") == pytest.approx(np.mean(s[y == 0] < t))
             assert m("acc_fake") == pytest.approx(np.mean(s[y == 1] >= t))
             assert m("balanced_acc") == pytest.approx(0.5 * (np.mean(s[y == 0] < t) + np.mean(s[y == 1] >= t)))
-            p = np.clip(1 / (1 + np.exp(-s / temp)), 1e-15, 1 - 1e-15)  # detector.metrics clips at 1e-15
+            # the calibrated probability, 0.5 at the threshold; detector.metrics clips at 1e-15
+            p = np.clip(1 / (1 + np.exp(-(s - t) / temp)), 1e-15, 1 - 1e-15)
             assert m("log_loss") == pytest.approx(log_loss(y, p))
             assert m("eer") == pytest.approx(M.equal_error_rate(y, s)[0])
             assert m("pd@0.1far") == pytest.approx(M.detection_at_far(y, s, 0.1))

@@ -632,7 +632,7 @@ def test_safetensors_with_lying_or_broken_metadata(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit architecture 'resnet50nodown'; missing keys: .*conv1"):
         load_model(lying)
     unknown = _safetensors(tmp_path / "unknown.safetensors", tensors, '{"architecture": "os.system"}')
-    with pytest.raises(ValueError, match=r"unknown architecture 'os.system'"):
+    with pytest.raises(ValueError, match=r"architecture.*os\.system"):
         load_model(unknown)
     broken = _safetensors(tmp_path / "broken.safetensors", tensors, '{"architecture": ')
     with pytest.raises(CheckpointError, match="corrupt metadata"):

@@ -62,7 +62,8 @@ class Simulator(nn.Module):
 
 
 def _to_unit(batch: np.ndarray) -> Tensor:
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    # a copy: decoded pixels are read-only, and torch wants memory it may write
+    return torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def train_simulator(
