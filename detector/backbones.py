@@ -97,7 +97,8 @@ class OnnxClipEncoder:
     the ``cls`` and ``tokens`` features.
     """
 
-    def __init__(self, path: str | os.PathLike, *, feature: str = "embeds", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, feature: str = "embeds", threads: int | None = None,
+                 fingerprint: str | None = None) -> None:
         from .checkpoints import file_sha256
 
         path = Path(path)
@@ -130,7 +131,7 @@ class OnnxClipEncoder:
         dim_source = outputs[0] if feature == "embeds" else outputs[1]
         dim = dim_source.shape[-1] if isinstance(dim_source.shape[-1], int) else 0
         self.config = BackboneConfig(name=f"clip:onnx:{path}", input_size=int(size), feature=feature, dim=int(dim),
-                                     fingerprint=file_sha256(path))
+                                     fingerprint=fingerprint or file_sha256(path))
 
     def features(self, views: np.ndarray) -> np.ndarray:
         x = _normalised(views, self.config)
@@ -198,16 +199,17 @@ class OpenClipEncoder:
 
 
 def create_backbone(name: str, *, feature: str = "embeds", threads: int | None = None, device: str = "cpu",
-                    allow_random: bool = False) -> Backbone:
+                    allow_random: bool = False, fingerprint: str | None = None) -> Backbone:
     """Build the encoder ``name`` (``clip:onnx:PATH`` or ``clip:open_clip:MODEL/PRETRAINED``).
 
     ``allow_random`` lets an open_clip name without pretrained weights build a randomly
-    initialised tower: for tests of the loading code only.
+    initialised tower: for tests of the loading code only. ``fingerprint`` is an ONNX file's sha256
+    that the caller has already checked, so the 90 MB file is not hashed a second time.
     """
     if feature not in FEATURES:
         raise BackboneError(f"feature must be one of {FEATURES}, got {feature!r}")
     if name.startswith("clip:onnx:"):
-        return OnnxClipEncoder(name[len("clip:onnx:"):], feature=feature, threads=threads)
+        return OnnxClipEncoder(name[len("clip:onnx:"):], feature=feature, threads=threads, fingerprint=fingerprint)
     if name.startswith("clip:open_clip:"):
         model, _, pretrained = name[len("clip:open_clip:"):].partition("/")
         return OpenClipEncoder(model, pretrained, feature=feature, device=device, allow_random=allow_random)

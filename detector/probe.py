@@ -97,9 +97,10 @@ def find_encoder(name: str, fingerprint: str, checkpoint: Path) -> str:
     candidates = [given, checkpoint.parent / given.name] + [d / given.name for d in weights_dirs()]
     for path in candidates:
         if path.is_file():
-            if fingerprint and file_sha256(path) != fingerprint:
+            digest = file_sha256(path) if fingerprint else ""
+            if digest != fingerprint:
                 raise CheckpointError(f"{checkpoint}: the CLIP encoder {path} is not the one the probe was trained on "
-                                      f"(sha256 {file_sha256(path)[:12]}..., expected {fingerprint[:12]}...)")
+                                      f"(sha256 {digest[:12]}..., expected {fingerprint[:12]}...)")
             return f"clip:onnx:{path}"
     raise BackboneError(f"the CLIP encoder of {checkpoint.name} ({given.name}) is missing: looked at "
                         + ", ".join(str(c) for c in candidates)
@@ -140,7 +141,9 @@ class ProbeDetector(CalibratedVerdicts):
             raise CheckpointError(f"{path}: does not fit a linear probe: {str(err).splitlines()[0]}") from None
         name = find_encoder(backbone_cfg.name, backbone_cfg.fingerprint, path)
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        backbone = create_backbone(name, feature=backbone_cfg.feature, threads=threads, device=dev)
+        # find_encoder has just checked the file's sha256 against the recorded one: not hashed twice
+        backbone = create_backbone(name, feature=backbone_cfg.feature, threads=threads, device=dev,
+                                   fingerprint=backbone_cfg.fingerprint or None)
         if backbone.config.dim != backbone_cfg.dim or backbone.config.input_size != backbone_cfg.input_size:
             raise CheckpointError(f"{path}: encoder {name} gives {backbone.config.dim}-d features at "
                                   f"{backbone.config.input_size} px; the probe expects {backbone_cfg.dim}-d at "
