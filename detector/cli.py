@@ -460,6 +460,8 @@ def _floats(text: str) -> tuple[float, float]:
               help="Put each aligned twin (manifest column `pair`) in the batch of its real, cut at the same place.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
               help="Processes decoding and augmenting training crops beside the network (0: in the main process).")
+@click.option("--decode-cache-mb", default=1024, show_default=True, type=click.IntRange(0),
+              help="Per decoding process: MB of large photos (>= 1 MP) kept decoded, so that their next crops skip the decoder.")
 @click.option("--views", default=4, show_default=True, help="CLIP probe: 224 px views per image (their logits are averaged).")
 @click.option("--view-mode", type=click.Choice(["crop", "resize"]), default="crop", show_default=True,
               help="CLIP probe: native-resolution crops, or CLIP's resize of the short side to 224.")
@@ -475,7 +477,7 @@ def _floats(text: str) -> tuple[float, float]:
 def train(train_data, val_data, val_sources, output_dir, init, architecture, crop_size, batch_size, lr, weight_decay,
           steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
           jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
-          device, threads, seed, resume, simulate_fakes, paired, workers, views, view_mode, feature, probe_c,
+          device, threads, seed, resume, simulate_fakes, paired, workers, decode_cache_mb, views, view_mode, feature, probe_c,
           probe_align_jpeg, feature_cache) -> None:
     """Train or fine-tune a detector on labelled images (or fit a CLIP probe: --arch clip-probe:BACKBONE).
 
@@ -528,6 +530,7 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
             early_stop_patience=early_stop_patience, val_crop=val_crop, val_crops_per_image=val_crops_per_image,
             precision=precision, device=device, threads=threads, seed=seed, target_far=target_far, resume=resume,
             simulate_fakes=simulate_fakes, paired=paired, workers=workers,
+            decode_cache_mb=decode_cache_mb,
         )
         click.echo(f"training on {len(table)} images, validating on {len(val_table)}", err=True)
         run(config, train_table=table, val_table=val_table, log=lambda m: click.echo(m, err=True))

@@ -15,7 +15,7 @@ from detector.checkpoints import CheckpointError, load_backbone, load_model
 from detector.datasets import read_labelled
 from detector.images import decode_image
 from detector.training import Recipe, TrainConfig, train
-from detector.training.data import BatchPlan, TrainingSamples, TrainingTable, training_batches
+from detector.training.data import BatchPlan, DecodedCache, TrainingSamples, TrainingTable, training_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,3 +226,28 @@ def test_peak_memory_does_not_grow_with_the_training_set(tmp_path):
           f"(largest worker) on 1,000 images, {peaks[10_000][0]:.0f} / {peaks[10_000][1]:.0f} MB on 10,000")
     assert peaks[10_000][0] - peaks[1_000][0] <= 150, peaks
     assert peaks[10_000][1] - peaks[1_000][1] <= 150, peaks
+
+
+def test_decoded_cache_keeps_only_large_images_within_its_bound():
+    cache = DecodedCache(max_bytes=3 * 1000 * 1000 * 3, min_pixels=1_000_000)
+    small = np.zeros((100, 100, 3), np.uint8)
+    cache.put(0, small)
+    assert cache.get(0) is None  # small images are cheap to decode: never kept
+    for key in range(1, 5):
+        cache.put(key, np.full((1000, 1000, 3), key, np.uint8))
+        cache.get(2)  # 2 stays the most recently used
+    assert cache.nbytes <= cache.max_bytes
+    assert cache.get(1) is None and cache.get(2) is not None and cache.get(4) is not None
+    assert not cache.get(4).flags.writeable  # a sample cannot change what the next one sees
+
+
+def test_cached_and_fresh_decodes_give_the_same_samples(tmp_path):
+    table = TrainingTable.build(read_labelled(_twin_manifest(tmp_path)), 32, 1 << 28, log=lambda m: None)
+    jobs = BatchPlan(table, 8, seed=2, start=0, stop=3).jobs(1)
+    fresh = TrainingSamples(table, Recipe(crop_size=32), 1 << 28)
+    cached = TrainingSamples(table, Recipe(crop_size=32), 1 << 28, cache_bytes=1 << 30)
+    cached.cache.min_pixels = 0  # the fixture's images are small: cache them all
+    for _ in range(2):  # the second pass reads the cache
+        for job in jobs:
+            assert torch.equal(fresh[job][0], cached[job][0])
+    assert cached.cache.nbytes > 0

@@ -74,6 +74,7 @@ class TrainConfig:
     simulate_fakes: str | None = None
     paired: bool = True
     workers: int = 2
+    decode_cache_mb: int = 1024  # per decoding worker: large photos kept decoded (see TrainingSamples)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -247,7 +248,8 @@ def train(config: TrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataF
     total = config.max_epochs * config.steps_per_epoch
     plan = BatchPlan(data.table, config.batch_size, config.seed, progress.step, total,
                      rank=run.rank if run.world > 1 else None, paired=config.paired)
-    batches = training_batches(plan, TrainingSamples(data.table, config.recipe, config.max_pixels), config.workers,
+    batches = training_batches(plan, TrainingSamples(data.table, config.recipe, config.max_pixels,
+                                                   config.decode_cache_mb << 20), config.workers,
                                pin_memory=run.device.type == "cuda")
     progress.started = time.time()
     stop_reason = "max_epochs"
