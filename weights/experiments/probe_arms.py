@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from detector.backbones import create_backbone
 from detector.datasets import read_labelled
@@ -25,6 +26,7 @@ from detector.probe import ProbeDetector
 from detector.training.probe import FeatureCache, ProbeTrainConfig, embed_images, image_logits, train_probe
 
 ENCODER = "clip:onnx:weights/clip_vitb16.int8.onnx"
+PHOTOS = "../shared-photos/manifest.csv"  # data/collect_photos.py --out ../shared-photos
 ARMS = {
     "embeds-crop4": dict(feature="embeds", views=4, view_mode="crop"),
     "embeds-resize1": dict(feature="embeds", views=1, view_mode="resize"),
@@ -33,6 +35,8 @@ ARMS = {
     "cls-resize1": dict(feature="cls", views=1, view_mode="resize"),
     "tokens-resize1": dict(feature="tokens", views=1, view_mode="resize"),
     "embeds-resize1-trainq90": dict(feature="embeds", views=1, view_mode="resize", align_jpeg=90),
+    # + the 75 real photos of 12 more sources that data/collect_photos.py gathers (training only)
+    "embeds-resize1-photos": dict(feature="embeds", views=1, view_mode="resize", extra_train=PHOTOS),
 }
 CONDITIONS = {"stored": dict(), "aligned": dict(center_crop=256, align_jpeg=90)}
 
@@ -63,20 +67,22 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--out", default="runs/probe_arms")
     args = parser.parse_args()
-    train_t, val_t, test_t = (read_labelled(f"data/splits/{s}.csv") for s in ("train", "val", "test"))
+    base_train, val_t, test_t = (read_labelled(f"data/splits/{s}.csv") for s in ("train", "val", "test"))
     results_path = Path("weights/experiments/probe_arms.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name in args.arms.split(","):
-        arm = ARMS[name]
+        arm = dict(ARMS[name])
+        extra = arm.pop("extra_train", None)
+        train_t = base_train if extra is None else pd.concat([base_train, read_labelled(extra)], ignore_index=True)
         t0 = time.time()
-        cfg = ProbeTrainConfig(train=["data/splits/train.csv"], val=["data/splits/val.csv"],
+        cfg = ProbeTrainConfig(train=["data/splits/train.csv"] + ([extra] if extra else []), val=["data/splits/val.csv"],
                                output_dir=f"{args.out}/{name}", backbone=ENCODER, cache_dir=f"{args.out}/features",
                                threads=2, **arm)
         record = train_probe(cfg, train_table=train_t, val_table=val_t)
         train_minutes = (time.time() - t0) / 60
         detector = ProbeDetector.from_checkpoint(f"{args.out}/{name}/probe.safetensors", device="cpu", threads=2)
         backbone = create_backbone(ENCODER, feature=arm["feature"], threads=2)
-        row = {"arm": arm, "val_auc": record["val_auc"], "c": record["c"], "c_grid": record["c_grid"],
+        row = {"arm": ARMS[name], "val_auc": record["val_auc"], "c": record["c"], "c_grid": record["c_grid"],
                "calibration": record["calibration"], "train_cpu_minutes": train_minutes, "test": {}}
         for cond, pre in CONDITIONS.items():
             settings = {"backbone": backbone.config.fingerprint, "feature": arm["feature"], "views": arm["views"],
@@ -92,7 +98,6 @@ def main() -> None:
             if cond == "stored":
                 png = (test_t["format"] == "PNG").to_numpy() if "format" in test_t else None
                 if png is None:
-                    import pandas as pd
                     fmt = pd.read_csv("data/splits/test.csv")["format"].to_numpy()
                     png = fmt == "PNG"
                 row["test"]["png_only"] = test_rows(detector, test_t[png].reset_index(drop=True), logits[png])

@@ -50,6 +50,38 @@ def probe_arms() -> None:
         print()
 
 
+def resnet_arms() -> None:
+    path = HERE / "resnet_arms.json"
+    if not path.exists():
+        return
+    arms = json.loads(path.read_text())
+    print("| arm | wall min | steps (best at) | val AUC (best epoch) | test AUC JPEG-aligned | test AUC PNG-only |")
+    print("|---|---|---|---|---|---|")
+    for name, r in arms.items():
+        t = r["test"]
+        print(f"| {name} | {r['train_wall_minutes']:.1f} | {r['steps']} ({r['best_step']}) | {r['val_auc']:.3f} | "
+              f"{_cell(t['aligned']['all'])} | {_cell(t['png_only']['all'])} |")
+    print()
+    print("Commands:\n")
+    print("```sh")
+    for name, r in arms.items():
+        print(f"# {name}\n{r['command']}")
+    print("```\n")
+    keys = sorted({k for r in arms.values() for k in r["test"]["aligned"] if k.startswith(("real:", "gen:"))})
+    print("Test AUC per real-photo source (all test fakes against it) and per generator (its fakes against all "
+          "test reals), JPEG-aligned / PNG-only:\n")
+    print("| group | " + " | ".join(arms) + " |")
+    print("|---|" + "---|" * len(arms))
+    for k in keys:
+        cells = []
+        for r in arms.values():
+            a, p = r["test"]["aligned"].get(k), r["test"]["png_only"].get(k)
+            cells.append(" / ".join(f"{c['auc']:.2f}" if c else "-" for c in (a, p)))
+        a0 = next(r["test"]["aligned"][k] for r in arms.values() if k in r["test"]["aligned"])
+        print(f"| {k} ({a0['n_real']} r, {a0['n_fake']} f) | " + " | ".join(cells) + " |")
+    print()
+
+
 def floor() -> None:
     path = HERE / "floor_spectrum.json"
     if not path.exists():
@@ -82,5 +114,6 @@ def evaluations(folders: list[str]) -> None:
 
 if __name__ == "__main__":
     probe_arms()
+    resnet_arms()
     floor()
     evaluations(sys.argv[1:])
