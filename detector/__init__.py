@@ -24,6 +24,9 @@ _EXPORTS = {
     "read_labelled": "datasets",
     "EvalOptions": "evaluation",
     "evaluate": "evaluation",
+    "ExportOptions": "export",
+    "export_model": "export",
+    "load_exported": "export",
     "ImageError": "images",
     "decode_image": "images",
     "find_images": "images",
@@ -58,6 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .checkpoints import CheckpointError, load_model, save_checkpoint
     from .datasets import read_labelled
     from .evaluation import EvalOptions, evaluate
+    from .export import ExportOptions, export_model, load_exported
     from .images import ImageError, decode_image, find_images
     from .inference import Detector, Prediction
     from .models import create_model, list_models

@@ -59,7 +59,7 @@ def _warn(message: str) -> None:
     click.secho(f"WARNING: {message}", fg="yellow", err=True)
 
 
-def _load_one(path: Path, architecture: str | None, device: str, precision: str):
+def _load_one(path: Path, architecture: str | None, device: str, precision: str, backend: str = "auto"):
     from .backbones import BackboneError
     from .checkpoints import CheckpointError
     from .inference import load_detector, tune_process
@@ -67,7 +67,7 @@ def _load_one(path: Path, architecture: str | None, device: str, precision: str)
     if not path.exists():
         _fail(f"weights not found: {path}")
     try:
-        detector = load_detector(path, device=device, precision=precision, architecture=architecture)
+        detector = load_detector(path, device=device, precision=precision, architecture=architecture, backend=backend)
     except (CheckpointError, BackboneError, ValueError) as err:
         _fail(str(err))
     tune_process(detector.device)  # the CLI owns its process; the library leaves process-wide settings alone
@@ -77,14 +77,14 @@ def _load_one(path: Path, architecture: str | None, device: str, precision: str)
 
 
 def _load_models(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
-                 fusion_models: str | None = None):
+                 fusion_models: str | None = None, backend: str = "auto"):
     """The detector(s) to run as an :class:`~detector.inference.Ensemble`: the given --weights
     (several are fused, with equal say), else the default model set (its rule and weights)."""
     from .checkpoints import CheckpointError
     from .inference import Ensemble, load_ensemble, tune_process
 
     if weights:
-        members = [_load_one(Path(w), architecture, device, precision) for w in weights]
+        members = [_load_one(Path(w), architecture, device, precision, backend) for w in weights]
         return Ensemble(members, [Path(w).stem for w in weights], fusion_models or "mean")
     if architecture:
         _fail("--arch applies to a published checkpoint given with --weights")
@@ -94,9 +94,9 @@ def _load_models(weights: tuple[str, ...], architecture: str | None, device: str
         if path is None:
             _fail(f"no default weights found ({DEFAULT_WEIGHTS_NAME} is neither in {ENV_VAR} nor installed with the "
                   "package nor in this checkout's weights/); pass --weights")
-        return Ensemble([_load_one(path, None, device, precision)], [path.stem], fusion_models or "mean")
+        return Ensemble([_load_one(path, None, device, precision, backend)], [path.stem], fusion_models or "mean")
     try:
-        ensemble = load_ensemble(model_set, device=device, precision=precision, warn=_warn)
+        ensemble = load_ensemble(model_set, device=device, precision=precision, warn=_warn, backend=backend)
     except (CheckpointError, ValueError) as err:
         _fail(str(err))
     for member in ensemble.members:
@@ -128,9 +128,11 @@ def _patch_options(f):
                           "(64 px for resnet50nodown), which makes tiled scores equal untiled ones; smaller is faster "
                           "but drifts."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-                     help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on recent GPUs, else fp32 (fp16 on older GPUs). "
-                          "bf16/fp16 run under autocast; fp32 is exact."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
+                     show_default=True,
+                     help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on recent GPUs, else fp32 (fp16 on older GPUs); "
+                          "fp32 with an exported model. bf16/fp16 run under autocast; fp32 is exact; int8 runs the "
+                          "int8 model of an export (see `detector export`)."),
         click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass, at most; capped at 256 Kpixels per batch on the CPU (faster there) and 4 Mpixels elsewhere."),
         click.option("--workers", default=2, show_default=True, help="Decoding processes (0: decode in the main process)."),
         click.option("--max-pixels", default=1 << 28, show_default=True, help="Refuse images with more pixels (decompression bombs)."),
@@ -140,6 +142,14 @@ def _patch_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _backend_option(f):
+    """--backend of scan and evaluate: what runs the network (see detector.runtimes)."""
+    return click.option(
+        "--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto", show_default=True,
+        help="What runs the network: torch (a checkpoint), onnxruntime or openvino (a folder written by "
+             "`detector export`, given as --weights). auto: torch for a checkpoint, the export's runtime for a folder.")(f)
 
 
 # Options that apply in one mode only: (mode they need, parameter names).
@@ -175,8 +185,9 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--weights", multiple=True, type=click.Path(dir_okay=False),
-              help="Checkpoint (safetensors, a published .pth, or a CLIP probe); repeat it to fuse several. "
+@click.option("--weights", multiple=True, type=click.Path(),
+              help="Checkpoint (safetensors, a published .pth, or a CLIP probe) or exported model folder; repeat it to "
+                   "fuse several. "
                    "Default: the bundled model set (weights/detector.json: the CLIP probe decides, the ResNet-50 is reported).")
 @click.option("--fusion-models", type=click.Choice(["mean", "max", "soft-or"]), default=None,
               help="How several models' calibrated logits are fused (default: the model set's rule, else mean).")
@@ -189,8 +200,9 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
               help="Also write a self-contained HTML report here (thumbnails, heatmaps, sortable table).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_patch_options
+@_backend_option
 def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report_path, quiet, mode, patch_size, num_patches, layout, seed, fusion,
-         tile_size, tile_margin, device, precision, batch_size, workers, max_pixels, architecture) -> None:
+         tile_size, tile_margin, device, precision, batch_size, workers, max_pixels, architecture, backend) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
     \b
@@ -198,13 +210,14 @@ def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report
       detector scan ~/Pictures
       detector scan photos/ --mode full --precision bf16 -o full.csv
       detector scan list.csv --mode patches --patch-size 128 --num-patches 16 --fusion max
+      detector scan photos/ --weights exported/ --precision int8
     """
     from .images import InputError
     from .scanning import ScanOptions
     from .scanning import scan as run
 
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
-    detector = _load_models(weights, architecture, device, precision, fusion_models)
+    detector = _load_models(weights, architecture, device, precision, fusion_models, backend)
     try:
         options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
@@ -354,6 +367,51 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
         lines.append(("code", str(meta.get("git_commit"))))
     for key, value in lines:
         click.echo(f"{key:>15}: {value}")
+
+
+@main.command("export")
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "formats", type=click.Choice(["onnx", "openvino"]), multiple=True, required=True,
+              help="onnx (run by onnxruntime) or openvino; repeat it to write both into one folder.")
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
+              help="The export folder: model files and export.json. One that already holds an export of the same "
+                   "weights gains the new formats.")
+@click.option("--int8", is_flag=True, help="Also write an int8 model (post-training static quantization), calibrated "
+              "on --calibration images.")
+@click.option("--calibration", multiple=True, type=click.Path(exists=True),
+              help="Images to calibrate int8 on (files, folders, CSV lists): real material like what will be scanned. "
+                   "Repeatable.")
+@click.option("--calibration-patches", default=300, show_default=True, help="Patches cut from --calibration images.")
+@click.option("--patch-size", default=256, show_default=True, help="Side of the calibration patches (scan's patch size).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the order in which calibration images are visited.")
+@click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say.")
+def export_cmd(weights, formats, output_dir, int8, calibration, calibration_patches, patch_size, seed,
+               architecture) -> None:
+    """Export a convolutional checkpoint (the ResNet family) for onnxruntime or OpenVINO, fp32 and int8.
+
+    The exported model takes any batch, height and width and gives the logit map, so `scan` runs it
+    with every option (patches, full images, heatmaps) through --weights DIR; export.json keeps the
+    checkpoint's calibration, preprocessing and sha256. int8 needs --calibration images.
+
+    \b
+    Examples:
+      detector export --format onnx weights/resnet50nodown_dev.safetensors -o exported/
+      detector export --format onnx --format openvino --int8 --calibration photos/ WEIGHTS -o exported/
+      detector scan pictures/ --weights exported/ --precision int8
+    """
+    from .export import ExportOptions, export_model
+    from .images import InputError
+
+    try:
+        options = ExportOptions(formats=tuple(dict.fromkeys(formats)), int8=int8, calibration=tuple(calibration),
+                                calibration_patches=calibration_patches, patch_size=patch_size, seed=seed)
+        record = export_model(weights, output_dir, options, architecture=architecture,
+                              log=lambda m: click.echo(m, err=True))
+    except (InputError, ValueError) as err:
+        _fail(str(err))
+    held = ", ".join(f"{fmt} {p}" for fmt, by_precision in record["models"].items() for p in by_precision)
+    click.echo(f"exported {record['architecture']} (sha256 {record['source']['sha256'][:12]}) to {output_dir}: {held}",
+               err=True)
 
 
 @main.command()
@@ -540,8 +598,9 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 
 @main.command()
 @click.argument("data", nargs=-1, required=True)
-@click.option("--weights", multiple=True, type=click.Path(dir_okay=False),
-              help="Checkpoint to evaluate; repeat it to score several models in one pass. Default: the bundled weights.")
+@click.option("--weights", multiple=True, type=click.Path(),
+              help="Checkpoint or exported model folder to evaluate; repeat it to score several models in one pass. "
+                   "Default: the bundled weights.")
 @click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
               help="Where scores.csv, metrics.csv, auc.csv, acc.csv, breakdown.csv, metrics.json, roc.png, scores.png, "
                    "run.json (and robustness.csv) go; its cache/ makes a rerun continue where it stopped.")
@@ -560,9 +619,10 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of the AUC interval (0: none).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_patch_options
+@_backend_option
 def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, center_crop, perturb, n_boot, quiet, mode,
              patch_size, num_patches, layout, seed, fusion, tile_size, tile_margin, device, precision, batch_size,
-             workers, max_pixels, architecture) -> None:
+             workers, max_pixels, architecture, backend) -> None:
     """Benchmark metrics on labelled DATA, per generator, with bias guards and robustness sweeps.
 
     DATA: manifest CSVs (path,label[,generator][,family]), CNNDetection folders
@@ -603,7 +663,7 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
                 _fail("--labels is for `detector scan` output CSVs; DATA here carries its own labels")
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
             click.echo(f"read {class_counts(table)}", err=True)
-            models = _load_models(weights, architecture, device, precision, fusion_models)
+            models = _load_models(weights, architecture, device, precision, fusion_models, backend)
             options = dataclasses.replace(options, model_fusion=models.rule,
                                           model_weights=tuple(models.weights) if models.weights else None)
             result = run(table, models.members, output_dir, options, names=models.names, inputs=[str(d) for d in data])

@@ -24,7 +24,9 @@ from .checkpoints import CheckpointInfo, load_model
 from .fusion import combine_crops
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from .metrics import sigmoid
+from .models import ModelConfig
 from .patches import PatchSettings
+from .runtimes import Runtime, TorchRuntime
 
 __all__ = ["PRECISIONS", "Detector", "Prediction", "keep_freed_memory", "resolve_device", "resolve_precision",
            "tune_process"]
@@ -64,6 +66,9 @@ def cpu_has_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 where the hardware has it (recent CPUs, Ampere+ GPUs), fp16 on older GPUs
     and Apple's MPS, fp32 otherwise. Explicit choices are kept."""
+    if precision == "int8":
+        raise ValueError("int8 runs an exported model: `detector export --format onnx --int8 --calibration DATA "
+                         "WEIGHTS -o DIR` writes one, then pass --weights DIR")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -186,28 +191,45 @@ class CalibratedVerdicts:
 class Detector(CalibratedVerdicts):
     """A model ready to score images.
 
-    Build it with :meth:`from_checkpoint`. ``precision`` ``bf16``/``fp16`` runs under autocast
-    (logits come back as fp32); ``fp32`` is exact; ``auto`` picks what the hardware runs fastest
-    (:func:`resolve_precision`).
+    Build it with :meth:`from_checkpoint` (PyTorch) or :func:`detector.export.load_exported` (an
+    exported model). The forward pass is a :class:`~detector.runtimes.Runtime`'s; cutting, batching,
+    fusion and calibration are the same for every backend. With the torch backend, ``precision``
+    ``bf16``/``fp16`` runs under autocast (logits come back as fp32); ``fp32`` is exact; ``auto``
+    picks what the hardware runs fastest (:func:`resolve_precision`).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: "nn.Module | Runtime",
         info: CheckpointInfo | None = None,
         *,
         device: str | torch.device = "auto",
         precision: str = "auto",
         channels_last: bool = True,
+        config: ModelConfig | None = None,
+        receptive_field: int | None = None,
     ) -> None:
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        """``model`` is a PyTorch module (run by :class:`~detector.runtimes.TorchRuntime` on
+        ``device`` at ``precision``) or a runtime already set up, with the ``config`` and
+        ``receptive_field`` of the model it runs."""
+        if isinstance(model, nn.Module):
+            device = device if isinstance(device, torch.device) else resolve_device(device)
+            runtime = TorchRuntime(model, device=device, precision=resolve_precision(precision, device),
+                                   channels_last=channels_last)
+            config = model.config
+            self.stride = int(getattr(model, "output_stride", config.output_stride))
+            receptive_field = getattr(model, "receptive_field", None)
+        else:
+            if config is None:
+                raise ValueError("a Detector over a runtime needs the model's config")
+            runtime = model
+            self.stride = config.output_stride
+        self.runtime = runtime
+        self.model = getattr(runtime, "model", None)  # the PyTorch module, with the torch backend
+        self.device, self.precision, self.config = runtime.device, runtime.precision, config
+        self.receptive_field = receptive_field
         self.info = info
-        self.config = model.config
-        self.stride = int(getattr(model, "output_stride", self.config.output_stride))
-        self.channels_last = channels_last
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.eval().to(self.device, memory_format=memory_format)
+        self.channels_last = runtime.channels_last
         self._mean, self._std = input_scale(self.config, self.device)
 
     @classmethod
@@ -231,7 +253,7 @@ class Detector(CalibratedVerdicts):
     def tile_margin(self) -> int:
         """Context around full-mode tiles that makes tiling exact: the receptive-field radius, in
         multiples of 8 (64 px for resnet50nodown, 216 for resnet50); 128 when unknown (timm)."""
-        rf = getattr(self.model, "receptive_field", None)
+        rf = self.receptive_field
         return 128 if rf is None else int(math.ceil(rf / 2 / 8) * 8)
 
     def resolve_settings(self, settings: PatchSettings) -> PatchSettings:
@@ -245,9 +267,7 @@ class Detector(CalibratedVerdicts):
     @torch.inference_mode()
     def crop_maps(self, batch: Tensor) -> np.ndarray:
         """Logit maps ``(N, h, w)`` float32 of a batch of same-size uint8 crops ``(N, 3, H, W)``."""
-        with autocast(self.device, self.precision):
-            maps = self.model.logit_map(self.normalise(batch))
-        return maps[:, 0].float().cpu().numpy()
+        return self.runtime.logit_maps(self.normalise(batch))
 
     def score_pixels(
         self, pixels: np.ndarray, settings: PatchSettings = PatchSettings(), *, fusion: str = "mean", batch_size: int = 16
@@ -309,19 +329,50 @@ class Detector(CalibratedVerdicts):
             "temperature": self.temperature,
             "threshold": self.threshold,
             "torch": torch.__version__,
+            "backend": self.runtime.backend,
+            **self._export_record(),
         }
+
+    def _export_record(self) -> dict:
+        """For an exported model: the runtime's version and what was exported (empty with torch)."""
+        if self.runtime.backend == "torch":
+            return {}
+        return {"runtime": getattr(self.runtime, "version", self.runtime.backend),
+                "source_sha256": getattr(self.info, "source_sha256", None)}
 
 
 def load_detector(path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
-                  architecture: str | None = None, threads: int | None = None):
-    """A :class:`Detector` or, for a CLIP-probe checkpoint, a :class:`~detector.probe.ProbeDetector`."""
-    from .checkpoints import read_metadata
-    from .probe import PROBE_PREFIX, ProbeDetector
+                  architecture: str | None = None, threads: int | None = None, backend: str = "auto"):
+    """A :class:`Detector` or, for a CLIP-probe checkpoint, a :class:`~detector.probe.ProbeDetector`.
 
+    ``path`` is a checkpoint (run by PyTorch) or a folder written by ``detector export`` (run by
+    onnxruntime or OpenVINO, see :func:`detector.export.load_exported`). ``backend`` ``auto`` is
+    torch for a checkpoint and the export's runtime for a folder; a probe runs its own encoder
+    whatever the backend.
+    """
+    from .checkpoints import read_metadata
+    from .export import load_exported
+    from .probe import PROBE_PREFIX, ProbeDetector
+    from .runtimes import BACKENDS, BackendError
+
+    path = Path(path)
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if path.is_dir():
+        if architecture:
+            raise ValueError(f"{path}: --arch is for published checkpoints, not for exported models")
+        if backend == "torch":
+            raise BackendError(f"{path} is an exported model; --backend torch runs checkpoints: use --backend "
+                               f"onnxruntime or openvino (or leave --backend out)")
+        return load_exported(path, backend=backend, precision=precision, device=device, threads=threads)
     if str(read_metadata(path).get("architecture", "")).startswith(PROBE_PREFIX):
         if architecture:
             raise ValueError(f"{path}: is a CLIP probe checkpoint; --arch does not apply to it")
         return ProbeDetector.from_checkpoint(path, device=device, precision=precision, threads=threads)
+    if backend not in ("auto", "torch"):
+        raise BackendError(f"--backend {backend} runs an exported model; {path} is a checkpoint: "
+                           f"`detector export --format {'onnx' if backend == 'onnxruntime' else backend} {path} -o DIR` "
+                           f"writes one, then pass --weights DIR")
     return Detector.from_checkpoint(path, device=device, precision=precision, architecture=architecture)
 
 
@@ -368,11 +419,12 @@ class Ensemble:
 
 
 def load_ensemble(spec: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
-                  threads: int | None = None, warn=None) -> Ensemble:
+                  threads: int | None = None, warn=None, backend: str = "auto") -> Ensemble:
     """The models a JSON spec names, fused by its rule (the bundled default is ``weights/detector.json``).
 
     The spec: ``{"models": [{"name": ..., "weights": FILE, "weight": 1.0}, ...], "fusion": "mean"}``
-    with files relative to the spec's folder; ``weight`` (default 1) is the model's say in the fused
+    with files (checkpoints or export folders, run by ``backend``, see :func:`load_detector`) relative
+    to the spec's folder; ``weight`` (default 1) is the model's say in the fused
     verdict, 0 for a model that is scored and shown but does not decide (see
     :func:`detector.fusion.fuse_margins`). A probe whose encoder file is missing is left out with
     one message through ``warn`` (the rest still runs); any other problem is an error.
@@ -392,7 +444,7 @@ def load_ensemble(spec: str | os.PathLike, *, device: str = "auto", precision: s
     members, names, weights = [], [], []
     for name, path, weight in entries:
         try:
-            members.append(load_detector(path, device=device, precision=precision, threads=threads))
+            members.append(load_detector(path, device=device, precision=precision, threads=threads, backend=backend))
             names.append(name)
             weights.append(weight)
         except BackboneError as err:
