@@ -41,7 +41,7 @@ ARMS = {
 CONDITIONS = {"stored": dict(), "aligned": dict(center_crop=256, align_jpeg=90)}
 
 
-def test_rows(probe: ProbeDetector, table, logits: np.ndarray) -> dict:
+def auc_rows(table, logits: np.ndarray) -> dict:
     """AUC with interval overall, per real source (all fakes against it) and per generator."""
     y = table["label"].to_numpy()
     out = {"all": _auc(y, logits)}
@@ -51,6 +51,13 @@ def test_rows(probe: ProbeDetector, table, logits: np.ndarray) -> dict:
     for gen in sorted(table.loc[y == 1, "generator"].unique()):
         m = (y == 0) | (table["generator"].to_numpy() == gen)
         out[f"gen:{gen}"] = _auc(y[m], logits[m])
+    return out
+
+
+def test_rows(probe: ProbeDetector, table, logits: np.ndarray) -> dict:
+    """:func:`auc_rows` and the accuracy of each class at the probe's calibrated verdict."""
+    y = table["label"].to_numpy()
+    out = auc_rows(table, logits)
     labels = np.array([probe.label(z) for z in logits])
     out["acc_real"] = float(np.mean(labels[y == 0] == "real"))
     out["acc_fake"] = float(np.mean(labels[y == 1] == "fake"))

@@ -23,10 +23,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from detector.metrics import auc, auc_interval
+from probe_arms import auc_rows  # this folder is on sys.path when the script runs
 
 OUT = Path("runs/arms")
 RESULTS = Path("weights/experiments/resnet_arms.json")
@@ -93,23 +92,6 @@ def twins_manifest(method: str) -> Path:
     return out
 
 
-def rows(table: pd.DataFrame, logits: np.ndarray) -> dict:
-    """AUC with interval overall, per real source (all fakes against it) and per generator."""
-    y = table["label"].to_numpy()
-
-    def cell(m: np.ndarray) -> dict:
-        lo, hi = auc_interval(y[m], logits[m], n_boot=1000)
-        return {"auc": auc(y[m], logits[m]), "lo": lo, "hi": hi, "n_real": int((y[m] == 0).sum()),
-                "n_fake": int((y[m] == 1).sum())}
-
-    out = {"all": cell(np.ones(len(y), bool))}
-    for s in sorted(table.loc[y == 0, "source"].unique()):
-        out[f"real:{s}"] = cell((y == 1) | (table["source"].to_numpy() == s))
-    for g in sorted(table.loc[y == 1, "generator"].unique()):
-        out[f"gen:{g}"] = cell((y == 0) | (table["generator"].to_numpy() == g))
-    return out
-
-
 def evaluate(weights: Path, name: str) -> dict:
     """Test AUCs of one checkpoint, JPEG-aligned and PNG-only, one centre patch of 256 px per image."""
     tests = {"aligned": (absolute_table("data/splits/test.csv"), ["--align-jpeg", "90"]),
@@ -124,7 +106,7 @@ def evaluate(weights: Path, name: str) -> dict:
         scores = pd.read_csv(d / "scores.csv")
         col = [c for c in scores.columns if c.startswith("logit_")][0]
         scores = scores[scores[col].notna()].reset_index(drop=True)
-        out[cond] = rows(scores, scores[col].to_numpy(float))
+        out[cond] = auc_rows(scores, scores[col].to_numpy(float))
         out[cond]["eval_seconds"] = secs
     return out
 
