@@ -28,6 +28,7 @@ test: $(STAMP) $(CLIP_ONNX)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/int8_accuracy.py
 	$(BIN)/python benchmarks/scan_speed.py
 
 clean:

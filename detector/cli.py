@@ -59,7 +59,25 @@ def _warn(message: str) -> None:
     click.secho(f"WARNING: {message}", fg="yellow", err=True)
 
 
-def _load_one(path: Path, architecture: str | None, device: str, precision: str, backend: str = "auto"):
+def _share_cpus(workers: int, threads: int | None) -> tuple[int, int]:
+    """Torch threads and decode workers for the cores other programs leave free (see
+    :mod:`detector.workers`); the window of measurement is the import of torch, so it costs no wait
+    when torch is not loaded yet."""
+    from .workers import CpuShare, share_cpus
+
+    share = CpuShare.start()
+    import torch  # noqa: F401 - loading it is the measurement window
+
+    share.stop()
+    n, w = share_cpus(share, workers, threads)
+    if share.busy_elsewhere >= 0.5 and not threads:
+        click.echo(f"other programs keep {share.busy_elsewhere:.1f} of {share.cores} cores busy: "
+                   f"{n} thread(s), {w} decode worker(s)", err=True)
+    return n, w
+
+
+def _load_one(path: Path, architecture: str | None, device: str, precision: str, backend: str = "auto",
+              threads: int | None = None):
     from .backbones import BackboneError
     from .checkpoints import CheckpointError
     from .inference import load_detector, tune_process
@@ -67,7 +85,8 @@ def _load_one(path: Path, architecture: str | None, device: str, precision: str,
     if not path.exists():
         _fail(f"weights not found: {path}")
     try:
-        detector = load_detector(path, device=device, precision=precision, architecture=architecture, backend=backend)
+        detector = load_detector(path, device=device, precision=precision, architecture=architecture, backend=backend,
+                                 threads=threads)
     except (CheckpointError, BackboneError, ValueError) as err:
         _fail(str(err))
     tune_process(detector.device)  # the CLI owns its process; the library leaves process-wide settings alone
@@ -77,14 +96,14 @@ def _load_one(path: Path, architecture: str | None, device: str, precision: str,
 
 
 def _load_models(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
-                 fusion_models: str | None = None, backend: str = "auto"):
+                 fusion_models: str | None = None, backend: str = "auto", threads: int | None = None):
     """The detector(s) to run as an :class:`~detector.inference.Ensemble`: the given --weights
     (several are fused, with equal say), else the default model set (its rule and weights)."""
     from .checkpoints import CheckpointError
     from .inference import Ensemble, load_ensemble, tune_process
 
     if weights:
-        members = [_load_one(Path(w), architecture, device, precision, backend) for w in weights]
+        members = [_load_one(Path(w), architecture, device, precision, backend, threads) for w in weights]
         return Ensemble(members, [Path(w).stem for w in weights], fusion_models or "mean")
     if architecture:
         _fail("--arch applies to a published checkpoint given with --weights")
@@ -94,9 +113,11 @@ def _load_models(weights: tuple[str, ...], architecture: str | None, device: str
         if path is None:
             _fail(f"no default weights found ({DEFAULT_WEIGHTS_NAME} is neither in {ENV_VAR} nor installed with the "
                   "package nor in this checkout's weights/); pass --weights")
-        return Ensemble([_load_one(path, None, device, precision, backend)], [path.stem], fusion_models or "mean")
+        return Ensemble([_load_one(path, None, device, precision, backend, threads)], [path.stem],
+                        fusion_models or "mean")
     try:
-        ensemble = load_ensemble(model_set, device=device, precision=precision, warn=_warn, backend=backend)
+        ensemble = load_ensemble(model_set, device=device, precision=precision, warn=_warn, backend=backend,
+                                 threads=threads)
     except (CheckpointError, ValueError) as err:
         _fail(str(err))
     for member in ensemble.members:
@@ -130,11 +151,16 @@ def _patch_options(f):
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
                      show_default=True,
-                     help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on recent GPUs, else fp32 (fp16 on older GPUs); "
-                          "fp32 with an exported model. bf16/fp16 run under autocast; fp32 is exact; int8 runs the "
-                          "int8 model of an export (see `detector export`)."),
+                     help="auto: on CPUs with int8 dot products (VNNI/AMX), the int8 model that ships beside the "
+                          "weights (WEIGHTS.export/) if there is one; else bf16 on CPUs with AVX-512 BF16/AMX and on "
+                          "recent GPUs, else fp32 (fp16 on older GPUs); fp32 with an exported model. bf16/fp16 run "
+                          "under autocast; fp32 is exact; int8 runs the int8 model of an export (see `detector export`)."),
         click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass, at most; capped at 256 Kpixels per batch on the CPU (faster there) and 4 Mpixels elsewhere."),
-        click.option("--workers", default=2, show_default=True, help="Decoding processes (0: decode in the main process)."),
+        click.option("--workers", default=2, show_default=True,
+                     help="Decoding processes (0: decode in the main process); fewer when other programs keep cores busy."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads of the networks. Default: the cores that other programs leave free, measured "
+                          "at start (all of them on an idle machine)."),
         click.option("--max-pixels", default=1 << 28, show_default=True, help="Refuse images with more pixels (decompression bombs)."),
         click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say "
                      "(default resnet50nodown; Wang et al.'s CNNDetection weights: resnet50)."),
@@ -202,7 +228,8 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @_patch_options
 @_backend_option
 def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report_path, quiet, mode, patch_size, num_patches, layout, seed, fusion,
-         tile_size, tile_margin, device, precision, batch_size, workers, max_pixels, architecture, backend) -> None:
+         tile_size, tile_margin, device, precision, batch_size, workers, threads, max_pixels, architecture,
+         backend) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
     \b
@@ -217,7 +244,8 @@ def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report
     from .scanning import scan as run
 
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
-    detector = _load_models(weights, architecture, device, precision, fusion_models, backend)
+    threads, workers = _share_cpus(workers, threads)
+    detector = _load_models(weights, architecture, device, precision, fusion_models, backend, threads)
     try:
         options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
@@ -378,6 +406,8 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
                    "weights gains the new formats.")
 @click.option("--int8", is_flag=True, help="Also write an int8 model (post-training static quantization), calibrated "
               "on --calibration images.")
+@click.option("--int8-only", is_flag=True, help="With --int8: keep only the int8 models (the fp32 ones are not "
+              "written), as in the folder that ships beside a checkpoint for --precision auto.")
 @click.option("--calibration", multiple=True, type=click.Path(exists=True),
               help="Images to calibrate int8 on (files, folders, CSV lists): real material like what will be scanned. "
                    "Repeatable.")
@@ -385,7 +415,7 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
 @click.option("--patch-size", default=256, show_default=True, help="Side of the calibration patches (scan's patch size).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the order in which calibration images are visited.")
 @click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say.")
-def export_cmd(weights, formats, output_dir, int8, calibration, calibration_patches, patch_size, seed,
+def export_cmd(weights, formats, output_dir, int8, int8_only, calibration, calibration_patches, patch_size, seed,
                architecture) -> None:
     """Export a convolutional checkpoint (the ResNet family) for onnxruntime or OpenVINO, fp32 and int8.
 
@@ -403,7 +433,8 @@ def export_cmd(weights, formats, output_dir, int8, calibration, calibration_patc
     from .images import InputError
 
     try:
-        options = ExportOptions(formats=tuple(dict.fromkeys(formats)), int8=int8, calibration=tuple(calibration),
+        options = ExportOptions(formats=tuple(dict.fromkeys(formats)), int8=int8, int8_only=int8_only,
+                                calibration=tuple(calibration),
                                 calibration_patches=calibration_patches, patch_size=patch_size, seed=seed)
         record = export_model(weights, output_dir, options, architecture=architecture,
                               log=lambda m: click.echo(m, err=True))
@@ -428,7 +459,7 @@ def export_cmd(weights, formats, output_dir, int8, calibration, calibration_patc
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @_patch_options
 def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, patch_size, num_patches, layout, seed, fusion, tile_size,
-              tile_margin, device, precision, batch_size, workers, max_pixels, architecture) -> None:
+              tile_margin, device, precision, batch_size, workers, threads, max_pixels, architecture) -> None:
     """Fit a checkpoint's probability calibration on labelled images scored exactly as `scan` scores them.
 
     Platt scaling (p = sigmoid(a * logit + b)) on the logits that the given cutting options produce,
@@ -456,7 +487,8 @@ def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, p
             calibration = calibration_from_evaluation(from_evaluation, file_sha256(weights), target_far=target_far)
         else:
             settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
-            detector = _load_one(Path(weights), architecture, device, precision)
+            threads, _ = _share_cpus(0, threads)  # calibration decodes in this process
+            detector = _load_one(Path(weights), architecture, device, precision, threads=threads)
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
             calibration = calibrate_detector(detector, table, settings, fusion=fusion, target_far=target_far,
                                              max_pixels=max_pixels, log=(lambda m: None) if quiet else
@@ -622,7 +654,7 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 @_backend_option
 def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, center_crop, perturb, n_boot, quiet, mode,
              patch_size, num_patches, layout, seed, fusion, tile_size, tile_margin, device, precision, batch_size,
-             workers, max_pixels, architecture, backend) -> None:
+             workers, threads, max_pixels, architecture, backend) -> None:
     """Benchmark metrics on labelled DATA, per generator, with bias guards and robustness sweeps.
 
     DATA: manifest CSVs (path,label[,generator][,family]), CNNDetection folders
@@ -663,8 +695,9 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
                 _fail("--labels is for `detector scan` output CSVs; DATA here carries its own labels")
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
             click.echo(f"read {class_counts(table)}", err=True)
-            models = _load_models(weights, architecture, device, precision, fusion_models, backend)
-            options = dataclasses.replace(options, model_fusion=models.rule,
+            threads, workers = _share_cpus(workers, threads)
+            models = _load_models(weights, architecture, device, precision, fusion_models, backend, threads)
+            options = dataclasses.replace(options, model_fusion=models.rule, workers=workers,
                                           model_weights=tuple(models.weights) if models.weights else None)
             result = run(table, models.members, output_dir, options, names=models.names, inputs=[str(d) for d in data])
     except (InputError, ValueError, FileExistsError, RuntimeError) as err:

@@ -28,6 +28,7 @@ both backends run the same quantization.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -60,7 +61,7 @@ _FILES = {
     ("openvino", "int8"): ("model.int8.xml", "model.int8.bin"),
 }
 # The format each backend runs; an OpenVINO model runs bf16 from its fp32 files.
-BACKEND_FORMAT = {"onnxruntime": "onnx", "openvino": "openvino"}
+BACKEND_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}  # in order of preference
 _STORED_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}
 INPUT_NAME, OUTPUT_NAME = "input", "logit_map"
 
@@ -75,6 +76,7 @@ class ExportOptions:
 
     formats: tuple[str, ...] = ("onnx",)
     int8: bool = False
+    int8_only: bool = False  # keep only the int8 models (what ships beside a checkpoint for precision auto)
     calibration: tuple[str, ...] = ()  # images, folders, globs or CSV lists (see detector.images.find_images)
     calibration_patches: int = 300
     patch_size: int = 256
@@ -89,6 +91,8 @@ class ExportOptions:
             raise ValueError("int8 needs calibration images (--calibration DATA): real photos, a few hundred patches")
         if self.calibration and not self.int8:
             raise ValueError("--calibration is for --int8")
+        if self.int8_only and not self.int8:
+            raise ValueError("--int8-only needs --int8")
         if self.calibration_patches < 1 or self.patch_size < 8:
             raise ValueError(f"calibration_patches must be >= 1 and patch_size >= 8, got {self.calibration_patches}, "
                              f"{self.patch_size}")
@@ -274,12 +278,13 @@ def export_model(weights: str | os.PathLike, out_dir: str | os.PathLike, options
             built["onnx", "int8"] = {"quantization": {**quantization, "calibration": source}}
         if "openvino" in options.formats:
             log("converting to OpenVINO")
-            for precision in ("fp32", "int8") if options.int8 else ("fp32",):
+            wanted = ("int8",) if options.int8_only else ("fp32", "int8") if options.int8 else ("fp32",)
+            for precision in wanted:
                 onnx_file, xml = (tmp / name for name in (_FILES["onnx", precision][0], _FILES["openvino", precision][0]))
                 version = _to_openvino(onnx_file, xml)
                 built["openvino", precision] = {**built["onnx", precision], "converted_by": f"openvino {version}"}
         for (fmt, precision), entry in built.items():
-            if fmt not in options.formats:
+            if fmt not in options.formats or (options.int8_only and precision != "int8"):
                 continue
             files = [tmp / name for name in _FILES[fmt, precision]]
             for f in files:
@@ -379,22 +384,28 @@ def load_exported(path: str | os.PathLike, *, backend: str = "auto", precision: 
                   threads: int | None = None):
     """A :class:`~detector.inference.Detector` running the export in ``path`` with ``backend``.
 
-    ``backend`` ``auto`` picks onnxruntime when the folder holds an ONNX model of the precision,
-    else OpenVINO. ``precision`` ``auto`` is fp32 (int8 runs only when asked for).
+    ``backend`` ``auto`` picks OpenVINO when the folder holds an OpenVINO model of the precision
+    (its int8 ran three times faster than onnxruntime's here, benchmarks/), else onnxruntime.
+    ``precision`` ``auto`` is int8 when the folder holds an int8 model and the CPU has int8 dot
+    products (:func:`~detector.inference.cpu_has_int8_dot`), else fp32.
     """
-    from .inference import Detector
+    from .inference import Detector, cpu_has_int8_dot
     from .runtimes import BackendError, open_exported_runtime
 
     export = read_export(path)
-    precision = "fp32" if precision == "auto" else precision
+    if precision == "auto":
+        has_int8 = any(p == "int8" for _, p in export.available())
+        precision = "int8" if has_int8 and cpu_has_int8_dot() else "fp32"
     stored = _STORED_PRECISION.get(precision)
     if stored is None:
         raise BackendError(f"an exported model runs fp32, bf16 (OpenVINO) or int8, not {precision}; "
                            f"--backend torch runs the checkpoint at {precision}")
     if backend == "auto":
         held = export.available()
-        backend = next((b for b, fmt in BACKEND_FORMAT.items() if (fmt, stored) in held
-                        and not (precision == "bf16" and b == "onnxruntime")), "onnxruntime")
+        usable = [b for b, fmt in BACKEND_FORMAT.items() if (fmt, stored) in held
+                  and not (precision == "bf16" and b == "onnxruntime")]
+        installed = [b for b in usable if importlib.util.find_spec(b) is not None]
+        backend = (installed or usable or ["onnxruntime"])[0]  # a missing runtime then names its extra
     if backend not in BACKEND_FORMAT:
         raise BackendError(f"{path} is an exported model: run it with --backend onnxruntime or openvino, not {backend}")
     fmt = BACKEND_FORMAT[backend]

@@ -14,6 +14,7 @@ import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), so autocast pays off."""
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The feature flags of this CPU (Linux's /proc/cpuinfo; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read()
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), so autocast pays off."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), which
+    run an int8 model about twice as fast as bf16 (benchmarks/scan_speed.py)."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -348,7 +363,8 @@ def load_detector(path: str | os.PathLike, *, device: str = "auto", precision: s
     ``path`` is a checkpoint (run by PyTorch) or a folder written by ``detector export`` (run by
     onnxruntime or OpenVINO, see :func:`detector.export.load_exported`). ``backend`` ``auto`` is
     torch for a checkpoint and the export's runtime for a folder; a probe runs its own encoder
-    whatever the backend.
+    whatever the backend. ``precision`` and ``backend`` both ``auto`` on a CPU with int8 dot
+    products run the int8 model that ships beside the checkpoint, if any (:func:`int8_companion`).
     """
     from .checkpoints import read_metadata
     from .export import load_exported
@@ -369,11 +385,43 @@ def load_detector(path: str | os.PathLike, *, device: str = "auto", precision: s
         if architecture:
             raise ValueError(f"{path}: is a CLIP probe checkpoint; --arch does not apply to it")
         return ProbeDetector.from_checkpoint(path, device=device, precision=precision, threads=threads)
+    if precision == "auto" and backend == "auto" and not architecture and resolve_device(device).type == "cpu":
+        companion = int8_companion(path)
+        if companion is not None:
+            return load_exported(companion, precision="int8", threads=threads)
     if backend not in ("auto", "torch"):
         raise BackendError(f"--backend {backend} runs an exported model; {path} is a checkpoint: "
                            f"`detector export --format {'onnx' if backend == 'onnxruntime' else backend} {path} -o DIR` "
                            f"writes one, then pass --weights DIR")
     return Detector.from_checkpoint(path, device=device, precision=precision, architecture=architecture)
+
+
+def int8_companion(checkpoint: str | os.PathLike) -> Path | None:
+    """The int8 model that ships beside ``checkpoint``, for ``precision auto`` on this CPU, or None.
+
+    It is the export folder ``<stem>.export/`` (``detector export --int8 --int8-only``) when it holds
+    an int8 model of exactly these weights (same sha256), the CPU has int8 dot products
+    (:func:`cpu_has_int8_dot`) and the model's runtime is installed. Its accuracy against fp32 is
+    checked by tests/test_export.py and benchmarks/int8_accuracy.py. Set ``DETECTOR_INT8=0`` to
+    keep precision auto on PyTorch.
+    """
+    import importlib.util
+
+    from .checkpoints import file_sha256
+    from .export import BACKEND_FORMAT, ExportError, read_export
+
+    folder = Path(checkpoint).with_suffix(".export")
+    if os.environ.get("DETECTOR_INT8", "1") == "0" or not folder.is_dir() or not cpu_has_int8_dot():
+        return None
+    try:
+        export = read_export(folder)
+    except ExportError:
+        return None
+    runnable = [fmt for backend, fmt in BACKEND_FORMAT.items()
+                if (fmt, "int8") in export.available() and importlib.util.find_spec(backend) is not None]
+    if not runnable or export.metadata.get("source", {}).get("sha256") != file_sha256(checkpoint):
+        return None
+    return folder
 
 
 class Ensemble:

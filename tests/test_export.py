@@ -163,7 +163,7 @@ def test_int8_keeps_the_ranking_on_the_fixture(fixture_dir, tmp_path):
 
 
 def test_precision_choices_of_an_export(exported, tmp_path):
-    assert load_exported(exported, precision="auto").precision == "fp32"  # auto never picks int8 (yet)
+    assert load_exported(exported, precision="auto").precision == "fp32"  # it holds no int8 model
     if HAVE_OPENVINO:
         assert load_exported(exported, backend="openvino", precision="bf16").precision == "bf16"
     with pytest.raises(ExportError, match=r"holds no onnx int8 model.*--int8 --calibration"):
@@ -245,3 +245,81 @@ def test_cli_export_and_its_errors(calibrated_checkpoint, tmp_path):
         result = runner.invoke(main, ["scan", str(images), *args, "-o", str(tmp_path / "r.csv"), "--workers", "0"])
         assert result.exit_code != 0 and message in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+SHIPPED_INT8 = BUNDLED.with_suffix(".export")
+
+
+def test_shipped_int8_model_is_of_the_bundled_weights():
+    """The int8 model beside the default ResNet-50 quantizes exactly those weights, calibrated on real photos."""
+    export = read_export(SHIPPED_INT8)
+    assert export.metadata["source"]["sha256"] == file_sha256(BUNDLED)
+    assert export.available() == [("openvino", "int8")]  # the fp32 models are the checkpoint itself
+    calibration = export.metadata["models"]["openvino"]["int8"]["quantization"]["calibration"]
+    assert calibration["patches"] == 300 and calibration["patch_size"] == 256 and calibration["unreadable"] == 0
+    assert [f.name for f in export.model_files("openvino", "int8")] == ["model.int8.xml", "model.int8.bin"]
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_shipped_int8_keeps_the_ranking_on_the_fixture(fixture_dir):
+    """The bound under which precision auto runs the shipped int8 model: Spearman >= 0.995 against the
+    fp32 logits and AUC within 0.005 of fp32 on the labelled fixture (4 patches of 64 px per image)."""
+    from scipy.stats import spearmanr
+
+    from detector.images import decode_image
+    from detector.metrics import auc as roc_auc
+
+    manifest = pd.read_csv(fixture_dir / "manifest.csv")
+    images = [decode_image(fixture_dir / p).pixels for p in manifest["path"]]
+    settings = PatchSettings(patch_size=64, num_patches=4)
+    fp32 = np.array([Detector.from_checkpoint(BUNDLED, device="cpu", precision="fp32").score_pixels(px, settings)[0]
+                     for px in images])
+    int8_detector = load_exported(SHIPPED_INT8, precision="int8")
+    int8 = np.array([int8_detector.score_pixels(px, settings)[0] for px in images])
+    labels = manifest["label"].to_numpy()
+    rho = spearmanr(fp32, int8).statistic
+    print(f"[shipped int8] spearman {rho:.4f}, AUC fp32 {roc_auc(labels, fp32):.4f} int8 {roc_auc(labels, int8):.4f}")
+    assert rho >= 0.995
+    assert abs(roc_auc(labels, int8) - roc_auc(labels, fp32)) <= 0.005
+
+
+@needs_openvino
+def test_precision_auto_runs_the_shipped_int8_where_the_cpu_has_int8_dot(monkeypatch, tmp_path, calibrated_checkpoint):
+    import detector.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_int8_dot", lambda: True)
+    det = load_detector(BUNDLED, device="cpu")
+    assert (det.runtime.backend, det.precision) == ("openvino", "int8")
+    assert det.info.source_sha256 == file_sha256(BUNDLED)
+    # what the user asks for is kept
+    assert load_detector(BUNDLED, device="cpu", precision="bf16").runtime.backend == "torch"
+    assert load_detector(BUNDLED, device="cpu", backend="torch").runtime.backend == "torch"
+    # an export of other weights beside a checkpoint is not used
+    other = tmp_path / "other.safetensors"
+    shutil.copy(calibrated_checkpoint, other)
+    shutil.copytree(SHIPPED_INT8, tmp_path / "other.export")
+    assert load_detector(other, device="cpu").runtime.backend == "torch"
+    monkeypatch.setenv("DETECTOR_INT8", "0")
+    assert load_detector(BUNDLED, device="cpu").runtime.backend == "torch"
+    monkeypatch.delenv("DETECTOR_INT8")
+    monkeypatch.setattr(inference, "cpu_has_int8_dot", lambda: False)
+    assert load_detector(BUNDLED, device="cpu").runtime.backend == "torch"
+
+
+@needs_openvino
+def test_scan_defaults_with_int8_keep_logit_maps_and_heatmaps(monkeypatch, tmp_path):
+    import detector.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_int8_dot", lambda: True)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(noise_image(96, 80, seed=3)).save(folder / "a.png")
+    out, heat = tmp_path / "out.csv", tmp_path / "heat"
+    result = CliRunner().invoke(main, ["scan", str(folder), "--weights", str(BUNDLED), "-o", str(out), "-q",
+                                       "--patch-size", "64", "--heatmaps", str(heat), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.with_name(out.name + ".json").read_text())
+    assert (record["detector"]["backend"], record["detector"]["precision"]) == ("openvino", "int8")
+    assert len(list(heat.glob("*.png"))) == 1
+    assert np.isfinite(pd.read_csv(out)["logit"]).all()
