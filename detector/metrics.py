@@ -14,8 +14,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score, roc_curve
+
+# scipy.stats and sklearn.metrics are imported where they are used: together they take about half
+# a second to import, which `detector scan` (it needs only :func:`sigmoid`) should not pay.
 
 __all__ = [
     "sigmoid",
@@ -69,12 +70,16 @@ def sigmoid(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (threshold-free)."""
     y, s = _check(labels, scores)
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, s)) if _both_classes(y, "AUC") else float("nan")
 
 
 def _resampled_aucs(real: np.ndarray, fakes: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """``(n_boot, len(fakes))`` AUCs of bootstrap resamples: one resample of the reals per replicate,
     shared by every group, and one of each group's fakes."""
+    from scipy.stats import rankdata
+
     out = np.empty((n_boot, len(fakes)))
     # Mann-Whitney form of the AUC on all resamples at once (ties count one half, as in sklearn),
     # in chunks that keep the rank matrix small.
@@ -128,6 +133,8 @@ def mean_auc_interval(
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     """Average precision with generated images as the positive class (Wang et al. 2020)."""
     y, s = _check(labels, scores)
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(y, s)) if _both_classes(y, "AP") else float("nan")
 
 
@@ -158,6 +165,8 @@ def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> tuple[float, flo
     y, s = _check(labels, scores)
     if not _both_classes(y, "EER"):
         return float("nan"), float("nan")
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     fnr = 1.0 - tpr
     diff = fpr - fnr  # increases along the curve, from -1 to +1
@@ -205,6 +214,8 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float
     y, s = _check(labels, scores)
     if not _both_classes(y, "best threshold"):
         return float("nan"), float("nan")
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     bal = 0.5 * (tpr + 1.0 - fpr)
     i = int(np.argmax(bal))
@@ -240,6 +251,8 @@ def logloss(labels: np.ndarray, probabilities: np.ndarray, *, sample_weight: np.
     y, p = _check(labels, probabilities)
     if y.size == 0:
         return float("nan")
+    from sklearn.metrics import log_loss
+
     return float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1], sample_weight=sample_weight))
 
 

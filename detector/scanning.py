@@ -79,6 +79,10 @@ class ScanSummary:
     n_errors: int = 0
     seconds: float = 0.0
     uncalibrated: list[str] = field(default_factory=list)
+    # seconds from the scan's start to its first decoded image and to its first row (where a short
+    # scan's time goes, see benchmarks/startup.py)
+    first_decoded: float | None = None
+    first_row: float | None = None
 
     def line(self) -> str:
         done = self.n_files - self.n_skipped
@@ -244,7 +248,7 @@ def scan_paths(
             heat_dir.mkdir(parents=True, exist_ok=True)
         names = ensemble.names if len(ensemble.members) > 1 else []
         with ResultWriter(output, names) as writer:
-            _run(todo, ensemble, options, writer, summary, heat_dir)
+            _run(todo, ensemble, options, writer, summary, heat_dir, start)
     finally:
         # Unlink while still holding the lock: a scan that opened the old file then finds it
         # unlinked when it gets the lock and starts over on a new one, so two never both hold it.
@@ -268,7 +272,8 @@ def _scoring_settings(record: dict) -> tuple:
             fusion)
 
 
-def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir) -> None:
+def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir,
+         start: float) -> None:
     from tqdm import tqdm
 
     detector = ensemble.conv
@@ -313,10 +318,14 @@ def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, s
         while next_index in pending and pending[next_index].remaining == 0:
             p = pending.pop(next_index)
             writer.write(_finish(p, ensemble, options, summary, heat_dir))
+            if summary.first_row is None:
+                summary.first_row = time.perf_counter() - start
             bar.update(1)
             next_index += 1
 
     for item in loader:
+        if summary.first_decoded is None:
+            summary.first_decoded = time.perf_counter() - start
         index = item["index"]
         pending[index] = _Pending(item, [None] * len(item["crops"]), len(item["crops"]), item["seconds"])
         shapes = frozenset(tuple(crop.shape[:2]) for crop in item["crops"])
