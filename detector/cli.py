@@ -799,5 +799,29 @@ def make_fakes(data, method, output_dir, tae_dir, simulator, tile_size, device, 
         _fail(str(err))
 
 
+def run() -> None:
+    """The ``detector`` command: :func:`main`, then a quick exit.
+
+    Once a command has finished (its files closed, its output flushed), the interpreter's own
+    teardown of torch and the model runtimes takes half a second more on every run
+    (benchmarks/startup.py); a scan of a few images should not wait for it. So the process ends
+    with ``os._exit`` after flushing stdout and stderr, with click's exit code.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    if isinstance(code, str):  # sys.exit("message"): print it as the interpreter would
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

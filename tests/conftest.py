@@ -40,6 +40,19 @@ def seeded_model(name: str = "resnet50nodown", seed: int = 0) -> torch.nn.Module
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Compiled-model caches (detector.runtimes.compiled_model_cache) go to a temporary folder, not
+    the user's ~/.cache, for the test run and the commands it starts."""
+    old = os.environ.get("DETECTOR_CACHE_DIR")
+    os.environ["DETECTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DETECTOR_CACHE_DIR", None)
+    else:
+        os.environ["DETECTOR_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def model() -> torch.nn.Module:
     return seeded_model()
