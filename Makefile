@@ -30,6 +30,7 @@ test: $(STAMP) $(CLIP_ONNX)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/int8_accuracy.py
 	$(BIN)/python benchmarks/scan_speed.py
+	$(BIN)/python benchmarks/busy_machine.py
 
 clean:
 	rm -rf $(VENV) demo_results.csv

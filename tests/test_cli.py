@@ -113,3 +113,30 @@ def test_options_without_effect_do_not_enter_resume_or_cache_keys(tmp_path, chec
     with pytest.raises(ValueError, match="other weights or settings"):
         scan([tmp_path / "in"], det, out, ScanOptions(patches=PatchSettings(mode="full", tile_size=16), workers=0,
                                                       progress=False, resume=True))
+
+
+def test_the_command_exits_quickly_with_click_exit_codes_and_its_output_flushed(tmp_path, checkpoint):
+    """`detector` (detector.cli.run) ends with os._exit once done: codes and output must survive that."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import noise_image
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-c", "from detector.cli import run; run()", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    done = command("--version")
+    assert done.returncode == 0 and "version" in done.stdout
+    done = command("scan", str(tmp_path / "nope"), "-o", str(tmp_path / "x.csv"))
+    assert done.returncode == 1 and "no such file or folder" in done.stderr
+    assert command("scan", "--no-such-option").returncode == 2
+    Image.fromarray(noise_image(64, 64)).save(tmp_path / "a.png")
+    out = tmp_path / "one.csv"
+    done = command("scan", str(tmp_path / "a.png"), "--weights", str(checkpoint), "-o", str(out),
+                   "--patch-size", "64", "--workers", "0")
+    assert done.returncode == 0, done.stderr
+    assert "probability" in done.stdout  # the verdict printed for one image reached the pipe
+    assert len(out.read_text().splitlines()) == 2  # header and the row, written and closed
