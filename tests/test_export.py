@@ -214,6 +214,8 @@ def test_bad_export_folders_are_refused(exported, tmp_path, calibrated_checkpoin
         ExportOptions(int8=True)
     with pytest.raises(ValueError, match="format must be"):
         ExportOptions(formats=("tflite",))
+    with pytest.raises(ValueError, match="--int8-only needs --int8"):
+        ExportOptions(int8_only=True)
 
 
 @needs_openvino
