@@ -46,6 +46,12 @@ ARMS: dict[str, dict] = {
     "e-r18-64-npr": dict(args=["--arch", "resnet18nodown_npr", "--crop-size", "64", "--batch-size", "32"], big=False),
     "f-r18-64-tae": dict(args=R18 + ["--crop-size", "64", "--batch-size", "32"], big=False, twins="tae"),
     "f-r18-64-autogan": dict(args=R18 + ["--crop-size", "64", "--batch-size", "32"], big=False, twins="autogan"),
+    # The winner on validation (a), trained as long as validation keeps improving (patience 3
+    # epochs; resumable with the same command), with the 75 collected camera photos
+    # (data/collect_photos.py) added to its reals.
+    "long-a-r50-64-photos": dict(args=R50 + ["--crop-size", "64", "--batch-size", "32", "--lr-patience", "2",
+                                             "--patience", "3"], big=True,
+                                 extra_train=["../shared-photos/manifest.csv"]),
 }
 
 
@@ -124,8 +130,9 @@ def main() -> None:
         train = twins_manifest(arm["twins"]) if "twins" in arm else Path("data/splits/train.csv")
         minutes = args.minutes_r50 if arm["big"] else args.minutes_r18
         spe = [] if "--steps-per-epoch" in arm["args"] else ["--steps-per-epoch", "50"]
-        cmd = [DET, "train", "--train", str(train), "--output-dir", str(OUT / name), *COMMON, *spe, *arm["args"],
-               "--max-minutes", f"{minutes:g}"]
+        extra = [a for path in arm.get("extra_train", []) for a in ("--train", path)]
+        cmd = [DET, "train", "--train", str(train), *extra, "--output-dir", str(OUT / name), *COMMON, *spe,
+               *arm["args"], "--max-minutes", f"{minutes:g}"]
         resume = (OUT / name / "last.safetensors").exists()
         secs = run(cmd + (["--resume"] if resume else []), OUT / f"{name}.train.log")
         hist = pd.read_csv(OUT / name / "history.csv")
