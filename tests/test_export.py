@@ -98,8 +98,8 @@ def _scan(args, tmp_path, name):
 
 
 def test_scan_with_an_export_gives_the_torch_scores(exported, calibrated_checkpoint, tmp_path):
-    """`scan --backend onnxruntime` (and a folder as --weights, backend auto) through the same scan: patches,
-    full mode (its tile margin from export.json), heatmaps."""
+    """`scan --backend onnxruntime` (and a folder as --weights, backend auto: OpenVINO when installed) through
+    the same scan: patches, full mode (its tile margin from export.json), heatmaps."""
     images = tmp_path / "images"
     images.mkdir()
     for i, (h, w) in enumerate([(96, 96), (80, 136), (160, 120)]):
@@ -116,7 +116,8 @@ def test_scan_with_an_export_gives_the_torch_scores(exported, calibrated_checkpo
             assert np.abs(rows["logit"] - torch_rows["logit"]).max() < 1e-4
             assert (rows["label"] == torch_rows["label"]).all()
             assert len(list(heat.glob("*.png"))) == 3
-            assert record["detector"]["backend"] == "onnxruntime" and record["detector"]["precision"] == "fp32"
+            expected = "openvino" if backend == "auto" and HAVE_OPENVINO else "onnxruntime"  # auto prefers OpenVINO
+            assert record["detector"]["backend"] == expected and record["detector"]["precision"] == "fp32"
             assert record["detector"]["source_sha256"] == file_sha256(calibrated_checkpoint)
             if mode[0] == "--mode":
                 assert record["patches"]["margin"] == 64
