@@ -37,6 +37,9 @@ ARMS = {
     "embeds-resize1-trainq90": dict(feature="embeds", views=1, view_mode="resize", align_jpeg=90),
     # + the 75 real photos of 12 more sources that data/collect_photos.py gathers (training only)
     "embeds-resize1-photos": dict(feature="embeds", views=1, view_mode="resize", extra_train=PHOTOS),
+    # the same data, other features of the same encoder: the CLS token before the projection, the patch tokens
+    "cls-resize1-photos": dict(feature="cls", views=1, view_mode="resize", extra_train=PHOTOS),
+    "tokens-resize1-photos": dict(feature="tokens", views=1, view_mode="resize", extra_train=PHOTOS),
 }
 CONDITIONS = {"stored": dict(), "aligned": dict(center_crop=256, align_jpeg=90)}
 
