@@ -5,7 +5,7 @@ calibrations stored in the checkpoints given now, and writes the metrics of ever
 ``EVAL_DIR/rules/<rule>/`` with :func:`detector.evaluation.evaluate_scores`, printing the summary
 rows. The checkpoints must hold the tensors that produced the scores (a recalibrated copy does:
 ``detector calibrate`` changes only the metadata); this is checked through the evaluation's
-``run.json``::
+``run.json`` (or, for a model scored by its int8 export, the export's recorded source)::
 
     .venv/bin/python weights/experiments/fusion_rules.py runs/eval/val \
         weights/resnet50nodown_dev.safetensors weights/clip_probe_vitb16.safetensors
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from detector.checkpoints import CheckpointInfo, read_metadata, tensors_sha256
+from detector.checkpoints import CheckpointInfo, file_sha256, read_metadata, tensors_sha256
 from detector.evaluation import EvalOptions, ModelSpec, evaluate_scores
 
 RULES = ("mean", "soft-or", "max")
@@ -33,7 +33,8 @@ def main(folder: str, checkpoints: list[str]) -> None:
     for path in checkpoints:
         name = Path(path).stem
         digest = tensors_sha256(path)
-        if recorded[name].get("tensors_sha256", digest) != digest:
+        exported_from = recorded[name].get("source_sha256")  # scored by its int8 export (precision auto)
+        if recorded[name].get("tensors_sha256", digest) != digest and exported_from != file_sha256(path):
             sys.exit(f"{path}: its tensors are not the ones that scored {folder}")
         info = CheckpointInfo(path=path, sha256="", metadata=read_metadata(path))
         models.append(ModelSpec(name, threshold=info.threshold, temperature=info.temperature))
