@@ -22,7 +22,12 @@ another encoder.
 
 Features (``feature=``): ``embeds``, the projected image embedding (512-d for ViT-B/16);
 ``cls``, the class token of the last transformer block before the final layer norm (768-d);
-``tokens``, the mean of the patch tokens of that block.
+``tokens``, the mean of the patch tokens of that block; ``cls-blocks:I,J,...`` (ONNX encoders
+exported from Hugging Face's CLIPVisionModel, as the default one), the class tokens after blocks
+I, J, ... (0-based) side by side: intermediate blocks keep more of the low-level traces that
+generators leave (Koutlis & Papadopoulos, ECCV 2024), and on this project's validation split the
+probe on blocks 5, 7, 9 and 11 scores 0.919 against 0.865 for the last block alone
+(weights/EXPERIMENTS.md).
 """
 
 from __future__ import annotations
@@ -34,11 +39,31 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "FEATURES", "Backbone", "BackboneConfig", "BackboneError", "create_backbone"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "FEATURES", "Backbone", "BackboneConfig", "BackboneError", "create_backbone",
+           "feature_blocks"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-FEATURES = ("embeds", "cls", "tokens")
+FEATURES = ("embeds", "cls", "tokens", "cls-blocks:I,J,...")
+BLOCKS_PREFIX = "cls-blocks:"
+# The residual stream after block I in an ONNX export of Hugging Face's CLIPVisionModel; the last
+# block's is the graph's second output (the last hidden state).
+_BLOCK_OUTPUT = "/vision_model/encoder/layers.{}/Add_1_output_0"
+
+
+def feature_blocks(feature: str) -> tuple[int, ...] | None:
+    """The block indices of a ``cls-blocks:I,J,...`` feature (None for the other features)."""
+    if not feature.startswith(BLOCKS_PREFIX):
+        if feature not in FEATURES[:3]:
+            raise BackboneError(f"feature must be one of {FEATURES}, got {feature!r}")
+        return None
+    try:
+        blocks = tuple(int(v) for v in feature[len(BLOCKS_PREFIX):].split(","))
+    except ValueError:
+        blocks = ()
+    if not blocks or min(blocks) < 0 or len(set(blocks)) != len(blocks):
+        raise BackboneError(f"{feature!r}: give distinct block indices >= 0, e.g. cls-blocks:5,7,9,11")
+    return blocks
 
 
 class BackboneError(ValueError):
@@ -89,6 +114,29 @@ def _pick(feature: str, embeds: np.ndarray | None, tokens: np.ndarray | None) ->
     return tokens[:, 1:].mean(axis=1)
 
 
+def _with_block_outputs(path: Path, blocks: tuple[int, ...]) -> tuple[bytes, list[str | None]]:
+    """The ONNX graph of ``path`` with the residual stream after each of ``blocks`` as an extra
+    output, serialised; and per block the output's name (None for the last block, whose output is
+    the graph's own second output)."""
+    try:
+        import onnx
+    except ImportError:
+        raise BackboneError("feature cls-blocks needs onnx: pip install onnx") from None
+    model = onnx.load(str(path))
+    produced = {name for node in model.graph.node for name in node.output}
+    inner = [i for i in range(256) if _BLOCK_OUTPUT.format(i) in produced]
+    if not inner:
+        raise BackboneError(f"{path}: no block outputs named like {_BLOCK_OUTPUT.format(0)!r} (an export of Hugging "
+                            f"Face's CLIPVisionModel has them), so feature cls-blocks is unavailable")
+    last = max(inner) + 1
+    if max(blocks) > last:
+        raise BackboneError(f"{path}: has blocks 0-{last}, not {max(blocks)}")
+    names: list[str | None] = [None if b == last else _BLOCK_OUTPUT.format(b) for b in blocks]
+    for name in dict.fromkeys(n for n in names if n is not None):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString(), names
+
+
 class OnnxClipEncoder:
     """A CLIP image encoder in ONNX (onnxruntime, CPU, or CUDA when its provider is installed).
 
@@ -117,8 +165,14 @@ class OnnxClipEncoder:
         # not spin, or they steal the cores torch is computing on.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.blocks = feature_blocks(feature)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            model: str | bytes = str(path)
+            if self.blocks is not None:
+                model, self._block_names = _with_block_outputs(path, self.blocks)
+            self.session = ort.InferenceSession(model, options, providers=providers)
+        except BackboneError:
+            raise
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for bad files
             raise BackboneError(f"{path}: not a usable ONNX model ({str(err).splitlines()[0]})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -130,11 +184,17 @@ class OnnxClipEncoder:
         self._outputs = [outputs[0].name] if feature == "embeds" else [outputs[1].name]
         dim_source = outputs[0] if feature == "embeds" else outputs[1]
         dim = dim_source.shape[-1] if isinstance(dim_source.shape[-1], int) else 0
+        if self.blocks is not None:
+            self._outputs = [outputs[1].name if name is None else name for name in self._block_names]
+            dim *= len(self.blocks)
         self.config = BackboneConfig(name=f"clip:onnx:{path}", input_size=int(size), feature=feature, dim=int(dim),
                                      fingerprint=fingerprint or file_sha256(path))
 
     def features(self, views: np.ndarray) -> np.ndarray:
         x = _normalised(views, self.config)
+        if self.blocks is not None:
+            outs = self.session.run(self._outputs, {self._input: x})
+            return np.concatenate([o[:, 0] for o in outs], axis=1).astype(np.float32)
         (out,) = self.session.run(self._outputs, {self._input: x})
         if self.config.feature == "embeds":
             return _pick("embeds", out, None).astype(np.float32)
@@ -206,11 +266,12 @@ def create_backbone(name: str, *, feature: str = "embeds", threads: int | None =
     initialised tower: for tests of the loading code only. ``fingerprint`` is an ONNX file's sha256
     that the caller has already checked, so the 90 MB file is not hashed a second time.
     """
-    if feature not in FEATURES:
-        raise BackboneError(f"feature must be one of {FEATURES}, got {feature!r}")
+    feature_blocks(feature)  # a bad feature name is an error whatever the encoder
     if name.startswith("clip:onnx:"):
         return OnnxClipEncoder(name[len("clip:onnx:"):], feature=feature, threads=threads, fingerprint=fingerprint)
     if name.startswith("clip:open_clip:"):
         model, _, pretrained = name[len("clip:open_clip:"):].partition("/")
+        if feature_blocks(feature) is not None:
+            raise BackboneError("feature cls-blocks is for ONNX encoders (clip:onnx:PATH)")
         return OpenClipEncoder(model, pretrained, feature=feature, device=device, allow_random=allow_random)
     raise BackboneError(f"unknown backbone {name!r}: use clip:onnx:PATH or clip:open_clip:MODEL/PRETRAINED")

@@ -39,6 +39,17 @@ def _default_model_set() -> Path | None:
         raise click.ClickException(str(err)) from None
 
 
+def _feature(value: str) -> str:
+    """A CLIP probe feature name, checked (see detector.backbones.feature_blocks)."""
+    from .backbones import BackboneError, feature_blocks
+
+    try:
+        feature_blocks(value)
+    except BackboneError as err:
+        raise click.BadParameter(str(err)) from None
+    return value
+
+
 def _fail(message: str) -> None:
     raise click.ClickException(message)
 
@@ -555,8 +566,9 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--views", default=4, show_default=True, help="CLIP probe: 224 px views per image (their logits are averaged).")
 @click.option("--view-mode", type=click.Choice(["crop", "resize"]), default="crop", show_default=True,
               help="CLIP probe: native-resolution crops, or CLIP's resize of the short side to 224.")
-@click.option("--feature", type=click.Choice(["embeds", "cls", "tokens"]), default="embeds", show_default=True,
-              help="CLIP probe: the projected embedding, or the last block's class token or mean patch token.")
+@click.option("--feature", default="embeds", show_default=True, callback=lambda ctx, param, value: _feature(value),
+              help="CLIP probe: embeds (the projected embedding), cls or tokens (the last block's class token or mean "
+                   "patch token), or cls-blocks:I,J,... (the class tokens after those blocks, e.g. cls-blocks:5,7,9,11).")
 @click.option("--probe-c", type=float, default=None,
               help="CLIP probe: inverse L2 strength of the logistic regression (default: chosen on validation AUC).")
 @click.option("--probe-align-jpeg", type=click.IntRange(1, 100), default=None,

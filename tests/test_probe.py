@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from detector.backbones import BackboneError, create_backbone
+from detector.backbones import BackboneError, create_backbone, feature_blocks
 from detector.checkpoints import save_checkpoint
 from detector.cli import main
 from detector.datasets import read_labelled
@@ -89,6 +89,24 @@ def test_onnx_backbone_embeddings_on_the_fixture(encoder, fixture_dir):
         assert f.shape == (3, dim) and f.dtype == np.float32 and np.isfinite(f).all()
         assert backbone.config.dim == dim and len(backbone.config.fingerprint) == 64
         assert not np.allclose(f[0], f[1])  # different images, different features
+
+
+def test_cls_blocks_feature_is_the_class_token_of_each_named_block(encoder):
+    """cls-blocks:I,J,... puts the class tokens after blocks I, J, ... side by side; the last block's is
+    exactly the `cls` feature. Bad names are refused in one line."""
+    views = np.stack([noise_image(224, 224, seed=s) for s in range(2)])
+    cls = create_backbone(f"clip:onnx:{encoder}", feature="cls", threads=2).features(views)
+    blocks = create_backbone(f"clip:onnx:{encoder}", feature="cls-blocks:5,11", threads=2)
+    f = blocks.features(views)
+    assert f.shape == (2, 1536) and blocks.config.dim == 1536 and blocks.config.feature == "cls-blocks:5,11"
+    np.testing.assert_array_equal(f[:, 768:], cls)
+    assert not np.allclose(f[:, :768], cls)  # block 5 is another representation
+    with pytest.raises(BackboneError, match="has blocks 0-11, not 12"):
+        create_backbone(f"clip:onnx:{encoder}", feature="cls-blocks:3,12")
+    for bad in ("cls-blocks:", "cls-blocks:a", "cls-blocks:5,5", "cls-blocks:-1", "pooled"):
+        with pytest.raises(BackboneError):
+            create_backbone(f"clip:onnx:{encoder}", feature=bad)
+    assert feature_blocks("cls-blocks:5,7,9,11") == (5, 7, 9, 11) and feature_blocks("embeds") is None
 
 
 def test_open_clip_backbone_builds_by_name(tmp_path):

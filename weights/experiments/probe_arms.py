@@ -40,6 +40,8 @@ ARMS = {
     # the same data, other features of the same encoder: the CLS token before the projection, the patch tokens
     "cls-resize1-photos": dict(feature="cls", views=1, view_mode="resize", extra_train=PHOTOS),
     "tokens-resize1-photos": dict(feature="tokens", views=1, view_mode="resize", extra_train=PHOTOS),
+    # the class tokens of blocks 5, 7, 9 and 11: the set that probe_layers.py's screen chose on validation
+    "clsblocks-resize1-photos": dict(feature="cls-blocks:5,7,9,11", views=1, view_mode="resize", extra_train=PHOTOS),
 }
 CONDITIONS = {"stored": dict(), "aligned": dict(center_crop=256, align_jpeg=90)}
 

@@ -1,0 +1,97 @@
+"""Does a CLIP probe gain from the CLS token of earlier blocks? A screen on validation, not a product feature.
+
+The shipped probe reads the CLS token of CLIP ViT-B/16's last block (probe_arms.py,
+``cls-resize1-photos``). Detectors built on frozen CLIP report that intermediate blocks carry more
+of the low-level traces that generation leaves (Koutlis & Papadopoulos, ECCV 2024, "Leveraging
+representations from intermediate encoder-blocks for synthetic image detection"). This encodes the
+train (+ the 75 collected photos), val and test images once, with the residual stream after every
+block of the same int8 encoder added as outputs of its graph, and fits the same class-balanced
+logistic probe (C chosen on validation) on the CLS token of several sets of blocks. Choice on
+validation only; test printed for the record.
+
+    .venv/bin/python weights/experiments/probe_layers.py
+
+Results: weights/experiments/probe_layers.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from detector.backbones import OnnxClipEncoder, _normalised
+from detector.datasets import read_labelled
+from detector.metrics import auc, auc_interval
+from detector.training.probe import C_GRID, FeatureCache, embed_images, fit_probe, image_logits
+
+ENCODER = "weights/clip_vitb16.int8.onnx"
+PHOTOS = "../shared-photos/manifest.csv"
+OUT = Path("runs/probe_layers")
+BLOCKS = 12
+SETS = {"11": [11], "9,11": [9, 11], "7,9,11": [7, 9, 11], "5,7,9,11": [5, 7, 9, 11], "3,5,7,9,11": [3, 5, 7, 9, 11],
+        "all": list(range(BLOCKS)), "7": [7], "5": [5]}
+
+
+class BlockTokens(OnnxClipEncoder):
+    """The int8 CLIP encoder with the CLS token after each of its 12 blocks as the feature (12 x 768)."""
+
+    def __init__(self, path: str) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        super().__init__(path, feature="cls", threads=2)
+        model = onnx.load(path)
+        names = [f"/vision_model/encoder/layers.{i}/Add_1_output_0" for i in range(BLOCKS - 1)]
+        for name in names:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self._outputs = names + self._outputs  # the last block's output is the graph's own second output
+        self.config = replace(self.config, feature="cls-blocks", dim=768 * BLOCKS,
+                              fingerprint=self.config.fingerprint + ":cls-blocks")
+
+    def features(self, views: np.ndarray) -> np.ndarray:
+        outs = self.session.run(self._outputs, {self._input: _normalised(views, self.config)})
+        return np.concatenate([o[:, 0] for o in outs], axis=1).astype(np.float32)
+
+
+def main() -> None:
+    splits = {s: read_labelled(f"data/splits/{s}.csv") for s in ("train", "val", "test")}
+    splits["train"] = pd.concat([splits["train"], read_labelled(PHOTOS)], ignore_index=True)
+    encoder = BlockTokens(ENCODER)
+    cache = FeatureCache(OUT / "features", {"backbone": encoder.config.fingerprint, "views": 1, "view_mode": "resize"})
+    t0 = time.time()
+    feats, labels = {}, {}
+    for name, table in splits.items():
+        f = embed_images(list(table["path"]), encoder, cache, views=1, view_mode="resize")
+        keep = [i for i, x in enumerate(f) if x is not None]
+        feats[name] = [f[i] for i in keep]
+        labels[name] = table["label"].to_numpy()[keep]
+    encode_minutes = (time.time() - t0) / 60
+    results = {"encode_minutes": encode_minutes, "n": {k: len(v) for k, v in labels.items()}, "sets": {}}
+    for set_name, blocks in SETS.items():
+        cols = np.concatenate([np.arange(b * 768, (b + 1) * 768) for b in blocks])
+        part = {k: [x[:, cols] for x in v] for k, v in feats.items()}
+        val_auc = {c: auc(labels["val"], image_logits(fit_probe(part["train"], labels["train"], c=c), part["val"]))
+                   for c in C_GRID}
+        best = max(C_GRID, key=lambda c: (val_auc[c], -abs(np.log(c))))
+        probe = fit_probe(part["train"], labels["train"], c=best)
+        test_logits = image_logits(probe, part["test"])
+        lo, hi = auc_interval(labels["test"], test_logits)
+        row = {"blocks": blocks, "c": best, "val_auc": val_auc[best],
+               "test_auc": auc(labels["test"], test_logits), "test_lo": lo, "test_hi": hi}
+        results["sets"][set_name] = row
+        print(f"blocks {set_name:<12} C={best:<5g} val {row['val_auc']:.3f} | test (as stored) {row['test_auc']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}]", flush=True)
+    Path("weights/experiments/probe_layers.json").write_text(json.dumps(results, indent=1))
+    print(f"encoding: {encode_minutes:.1f} min; images {results['n']}")
+
+
+if __name__ == "__main__":
+    main()
