@@ -161,6 +161,17 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     return state
 
 
+def _parse_metadata(path: Path, raw: str | None) -> dict:
+    """The project's metadata from its raw JSON text: an object, or a one-line CheckpointError."""
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt metadata: {err}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt metadata: a JSON {type(metadata).__name__}, not an object")
+    return metadata
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The project metadata of a checkpoint without reading its tensors (``{}`` for published files)."""
     path = Path(path)
@@ -173,9 +184,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get(METADATA_KEY)
-        return json.loads(raw) if raw else {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors file: {err}") from None
+    return _parse_metadata(path, raw)
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
@@ -192,11 +203,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
                 raw = (fh.metadata() or {}).get(METADATA_KEY)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: unreadable safetensors file: {err}") from None
-        try:
-            metadata = json.loads(raw) if raw else {}
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: corrupt metadata: {err}") from None
-        return _unwrap(state, path), metadata
+        return _unwrap(state, path), _parse_metadata(path, raw)
     with open(path, "rb") as fh:
         magic = fh.read(2)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":
