@@ -44,7 +44,8 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "FEATURES", "Backbone", "BackboneConfig", "B
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-FEATURES = ("embeds", "cls", "tokens", "cls-blocks:I,J,...")
+NAMED_FEATURES = ("embeds", "cls", "tokens")
+FEATURES = (*NAMED_FEATURES, "cls-blocks:I,J,...")
 BLOCKS_PREFIX = "cls-blocks:"
 # The residual stream after block I in an ONNX export of Hugging Face's CLIPVisionModel; the last
 # block's is the graph's second output (the last hidden state).
@@ -54,7 +55,7 @@ _BLOCK_OUTPUT = "/vision_model/encoder/layers.{}/Add_1_output_0"
 def feature_blocks(feature: str) -> tuple[int, ...] | None:
     """The block indices of a ``cls-blocks:I,J,...`` feature (None for the other features)."""
     if not feature.startswith(BLOCKS_PREFIX):
-        if feature not in FEATURES[:3]:
+        if feature not in NAMED_FEATURES:
             raise BackboneError(f"feature must be one of {FEATURES}, got {feature!r}")
         return None
     try:

@@ -145,8 +145,8 @@ class OpenVinoRuntime:
 def compiled_model_cache() -> Path | None:
     """Where OpenVINO keeps compiled models between runs, or None (no caching).
 
-    Compiling the int8 ResNet-50 takes 0.28 s on every start; loading it from this cache 0.08 s
-    (about 24 MB per model, benchmarks/startup.py). The cache is the ``openvino`` folder inside
+    Compiling the int8 ResNet-50 took 0.28 s on every start here; loading it from this cache
+    0.08 s (about 24 MB per model; timed once around ``compile_model`` on the project's machine). The cache is the ``openvino`` folder inside
     ``DETECTOR_CACHE_DIR`` (set it empty for no cache), by default inside ``$XDG_CACHE_HOME/detector``
     or ``~/.cache/detector``.
     A folder that cannot be created means no cache, not an error.

@@ -7,8 +7,8 @@ even by SIGKILL, instead of blocking forever on a full result pipe while holding
 
 On a machine that other programs keep busy, compute threads and decode workers sized to every
 core oversubscribe it: the network's threads wait on each other at every layer while one of them
-is descheduled. :class:`CpuShare` measures what the other programs use while the models load, and
-:func:`share_cpus` sizes torch's threads and the workers to the rest.
+is descheduled. :class:`CpuShare` measures what the other programs use while the command starts,
+and :func:`share_cpus` sizes torch's threads and the workers to the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CpuShare", "die_with_parent", "free_cores", "in_workers", "share_cpus"]
+__all__ = ["CpuShare", "die_with_parent", "free_cores", "in_workers", "share_cpus", "usable_cores"]
 
 
 class _Jobs(Dataset):
@@ -99,7 +99,7 @@ def free_cores(cores: int, busy_elsewhere: float) -> int:
     """Cores left to this process: ``cores`` minus what other programs keep busy, at least 1.
 
     A plain function of the measurement (see :class:`CpuShare`); a core counts as taken when
-    others use at least 0.5 of it on average, since a half-used core would stall every layer.
+    others use at least 0.5 of it on average.
     """
     return max(1, cores - int(math.floor(max(0.0, busy_elsewhere) + 0.5)))
 
@@ -109,8 +109,9 @@ class CpuShare:
     """How busy the machine is with other programs, measured between :meth:`start` and :meth:`stop`.
 
     Our own CPU time (all threads of this process) is subtracted from the machine's busy time
-    over the same interval, so loading the models is itself the measurement window: no extra
-    wait. ``busy_elsewhere`` is in cores (1.0: another program keeps one core busy).
+    over the same interval, so the command's own start-up work (importing torch) can be the
+    measurement window: no extra wait. ``busy_elsewhere`` is in cores (1.0: another program keeps
+    one core busy).
     """
 
     cores: int = 0

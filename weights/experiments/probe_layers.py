@@ -4,8 +4,8 @@ The shipped probe reads the CLS token of CLIP ViT-B/16's last block (probe_arms.
 ``cls-resize1-photos``). Detectors built on frozen CLIP report that intermediate blocks carry more
 of the low-level traces that generation leaves (Koutlis & Papadopoulos, ECCV 2024, "Leveraging
 representations from intermediate encoder-blocks for synthetic image detection"). This encodes the
-train (+ the 75 collected photos), val and test images once, with the residual stream after every
-block of the same int8 encoder added as outputs of its graph, and fits the same class-balanced
+train (+ the 75 collected photos), val and test images once, with the class token after every
+block of the same int8 encoder (feature ``cls-blocks:0,...,11``), and fits the same class-balanced
 logistic probe (C chosen on validation) on the CLS token of several sets of blocks. Choice on
 validation only; test printed for the record.
 
@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from detector.backbones import OnnxClipEncoder, _normalised
+from detector.backbones import create_backbone
 from detector.datasets import read_labelled
 from detector.metrics import auc, auc_interval
 from detector.training.probe import C_GRID, FeatureCache, embed_images, fit_probe, image_logits
@@ -37,35 +36,14 @@ SETS = {"11": [11], "9,11": [9, 11], "7,9,11": [7, 9, 11], "5,7,9,11": [5, 7, 9,
         "all": list(range(BLOCKS)), "7": [7], "5": [5]}
 
 
-class BlockTokens(OnnxClipEncoder):
-    """The int8 CLIP encoder with the CLS token after each of its 12 blocks as the feature (12 x 768)."""
-
-    def __init__(self, path: str) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        super().__init__(path, feature="cls", threads=2)
-        model = onnx.load(path)
-        names = [f"/vision_model/encoder/layers.{i}/Add_1_output_0" for i in range(BLOCKS - 1)]
-        for name in names:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self._outputs = names + self._outputs  # the last block's output is the graph's own second output
-        self.config = replace(self.config, feature="cls-blocks", dim=768 * BLOCKS,
-                              fingerprint=self.config.fingerprint + ":cls-blocks")
-
-    def features(self, views: np.ndarray) -> np.ndarray:
-        outs = self.session.run(self._outputs, {self._input: _normalised(views, self.config)})
-        return np.concatenate([o[:, 0] for o in outs], axis=1).astype(np.float32)
-
-
 def main() -> None:
     splits = {s: read_labelled(f"data/splits/{s}.csv") for s in ("train", "val", "test")}
     splits["train"] = pd.concat([splits["train"], read_labelled(PHOTOS)], ignore_index=True)
-    encoder = BlockTokens(ENCODER)
-    cache = FeatureCache(OUT / "features", {"backbone": encoder.config.fingerprint, "views": 1, "view_mode": "resize"})
+    # every block's class token, side by side (the feature detector.backbones calls cls-blocks)
+    feature = "cls-blocks:" + ",".join(str(b) for b in range(BLOCKS))
+    encoder = create_backbone(f"clip:onnx:{ENCODER}", feature=feature, threads=2)
+    cache = FeatureCache(OUT / "features", {"backbone": encoder.config.fingerprint, "feature": feature, "views": 1,
+                                            "view_mode": "resize"})
     t0 = time.time()
     feats, labels = {}, {}
     for name, table in splits.items():
