@@ -27,7 +27,7 @@ MAX_BITS = 4
 def dhash64(image: Image.Image) -> int:
     """64-bit difference hash of ``image``: bit ``8r + c`` set where ``(r, c)`` > ``(r, c + 1)``."""
     grey = image.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
-    pixels = list(grey.getdata())
+    pixels = grey.tobytes()
     value = 0
     for r in range(8):
         for c in range(8):

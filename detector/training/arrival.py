@@ -1,0 +1,82 @@
+"""How images arrive at a scan, as training views: crops, downscales and re-encodings, for both classes.
+
+A probe trained only on whole images resized to the encoder's input learns what a whole, resized
+picture looks like, and then reads a zoomed-in crop of a photo as a sign of generation. People
+scan crops, thumbnails, re-shared JPEGs and WebPs and screenshots. An *arrival* is one such
+history drawn at random: a crop of 1/16 of the area to all of it, a downscale to 25-100%, then a
+re-encoding (JPEG at quality 60-100, WebP at 60-100, or a lossless PNG re-save). Real and
+generated images draw from the same distribution, so that neither format nor size separates the
+classes. Every choice comes from the generator passed in: a view is a pure function of
+(pixels, seed).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["ArrivalRecipe", "arrive"]
+
+
+@dataclass(frozen=True)
+class ArrivalRecipe:
+    """The distribution of arrivals; recorded with a probe trained on them."""
+
+    crop_p: float = 0.7
+    crop_area: tuple[float, float] = (1 / 16, 1.0)
+    downscale_p: float = 0.5
+    downscale: tuple[float, float] = (0.25, 1.0)
+    min_side: int = 64
+    jpeg_p: float = 0.5
+    jpeg_quality: tuple[int, int] = (60, 100)
+    webp_p: float = 0.2
+    webp_quality: tuple[int, int] = (60, 100)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _encode(pixels: np.ndarray, fmt: str, quality: int | None) -> np.ndarray:
+    buffer = io.BytesIO()
+    kwargs = {"quality": quality} if quality is not None else {}
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt, **kwargs)
+    buffer.seek(0)
+    with Image.open(buffer) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def arrive(pixels: np.ndarray, rng: np.random.Generator, recipe: ArrivalRecipe = ArrivalRecipe()) -> tuple[np.ndarray, str]:
+    """One arrival of RGB uint8 ``pixels``: the new pixels and a short description of what was done."""
+    h, w = pixels.shape[:2]
+    steps = []
+    if rng.random() < recipe.crop_p:
+        lo, hi = np.log(recipe.crop_area[0]), np.log(recipe.crop_area[1])
+        area = float(np.exp(rng.uniform(lo, hi)))
+        aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        ch = int(min(h, max(recipe.min_side, round(np.sqrt(area * h * w / aspect)))))
+        cw = int(min(w, max(recipe.min_side, round(np.sqrt(area * h * w * aspect)))))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        pixels = pixels[top : top + ch, left : left + cw]
+        steps.append(f"crop {cw}x{ch}")
+    if rng.random() < recipe.downscale_p:
+        factor = float(rng.uniform(*recipe.downscale))
+        ph, pw = pixels.shape[:2]
+        factor = max(factor, recipe.min_side / max(1, min(ph, pw)))
+        if factor < 1:
+            size = (max(1, round(pw * factor)), max(1, round(ph * factor)))
+            pixels = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(size, Image.Resampling.BICUBIC))
+            steps.append(f"downscale {factor:.2f}")
+    u = rng.random()
+    if u < recipe.jpeg_p:
+        q = int(rng.integers(recipe.jpeg_quality[0], recipe.jpeg_quality[1] + 1))
+        pixels, step = _encode(pixels, "JPEG", q), f"jpeg {q}"
+    elif u < recipe.jpeg_p + recipe.webp_p:
+        q = int(rng.integers(recipe.webp_quality[0], recipe.webp_quality[1] + 1))
+        pixels, step = _encode(pixels, "WEBP", q), f"webp {q}"
+    else:
+        pixels, step = _encode(pixels, "PNG", None), "png"
+    steps.append(step)
+    return np.ascontiguousarray(pixels), ", ".join(steps)
