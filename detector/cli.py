@@ -659,12 +659,16 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 @click.option("--center-crop", type=click.IntRange(min=8), default=None,
               help="Crop every image of both classes to its central SIZE x SIZE px before scoring.")
 @click.option("--perturb", multiple=True, metavar="KIND:V[,V...]",
-              help="Robustness sweep, repeatable: jpeg:95,75 resize:0.5 blur:1 crop:256. Writes robustness.csv.")
+              help="Robustness sweep, repeatable: jpeg:95,75 webp:80 resize:0.5 blur:1 crop:256 center:256 png "
+                   "screenshot:1080, and chains such as center:256+jpeg:90. Writes robustness.csv.")
+@click.option("--wild", is_flag=True,
+              help="Add the conditions in which images arrive where people scan them: center:256+jpeg:90, "
+                   "resize:0.5, jpeg:75, screenshot:1080 (a PNG screenshot of a 1080p screen).")
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of the AUC interval (0: none).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_patch_options
 @_backend_option
-def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, center_crop, perturb, n_boot, quiet, mode,
+def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, center_crop, perturb, wild, n_boot, quiet, mode,
              patch_size, num_patches, layout, seed, fusion, tile_size, tile_margin, device, precision, batch_size,
              workers, threads, max_pixels, architecture, backend) -> None:
     """Benchmark metrics on labelled DATA, per generator, with bias guards and robustness sweeps.
@@ -687,8 +691,11 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
     from .datasets import class_counts, is_scan_output, read_labelled
     from .evaluation import EvalOptions, evaluate_scan_outputs, parse_perturbations, summary_table
     from .evaluation import evaluate as run
+    from .evaluation.conditions import WILD_CONDITIONS
     from .images import InputError
 
+    if wild:
+        perturb = (*perturb, *WILD_CONDITIONS)
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
     scans = [is_scan_output(d) for d in data]
     try:

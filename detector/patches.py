@@ -202,7 +202,7 @@ class PatchSettings:
         )
 
 
-VIEW_MODES = ("crop", "resize")
+VIEW_MODES = ("crop", "resize", "resize+crop")
 
 
 def encoder_views(pixels: np.ndarray, *, size: int = 224, n: int = 1, mode: str = "crop") -> np.ndarray:
@@ -211,12 +211,19 @@ def encoder_views(pixels: np.ndarray, *, size: int = 224, n: int = 1, mode: str 
     ``crop`` cuts ``n`` grid crops of ``size`` px at native resolution (the traces a generator
     leaves survive); only an image smaller than ``size`` is first enlarged (bicubic) to that
     size. ``resize`` is CLIP's own preprocessing: the short side is resized (bicubic) to ``size``,
-    then ``n`` grid crops are cut (``n = 1``: the centre crop).
+    then ``n`` grid crops are cut (``n = 1``: the centre crop). ``resize+crop`` is the ``resize``
+    view (one) followed by ``n - 1`` ``crop`` views: what the whole picture shows and what its
+    pixels show at native resolution, for ``n >= 2``.
     """
     from PIL import Image
 
     if mode not in VIEW_MODES:
         raise ValueError(f"view mode must be one of {VIEW_MODES}, got {mode!r}")
+    if mode == "resize+crop":
+        if n < 2:
+            raise ValueError("the resize+crop view mode needs n >= 2 (one resized view and n - 1 crops)")
+        return np.concatenate([encoder_views(pixels, size=size, n=1, mode="resize"),
+                               encoder_views(pixels, size=size, n=n - 1, mode="crop")])
     h, w = pixels.shape[:2]
     short = min(h, w)
     if short < size or (mode == "resize" and short != size):

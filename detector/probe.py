@@ -47,6 +47,8 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if self.views < 1 or self.view_mode not in VIEW_MODES:
             raise ValueError(f"views must be >= 1 and view_mode one of {VIEW_MODES}, got {self.views}, {self.view_mode!r}")
+        if self.view_mode == "resize+crop" and self.views < 2:
+            raise ValueError("the resize+crop view mode needs views >= 2 (one resized view and views - 1 crops)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -477,3 +477,22 @@ def test_cache_key_covers_version_device_and_precision(monkeypatch):
     assert settings_key(model, FAST, "jpeg:90") != key
     monkeypatch.setattr(cache, "_package_version", lambda: "99.0")
     assert settings_key(model, FAST, "none") != key
+
+
+def test_wild_conditions_chain_and_keep_both_classes_alike():
+    from detector.evaluation.conditions import WILD_CONDITIONS, Chain
+
+    conditions = parse_perturbations([*WILD_CONDITIONS, "png", "webp:80"])
+    assert [c.name for c in conditions] == [*WILD_CONDITIONS, "png", "webp:80"]
+    px = noise_image(1200, 2400)
+    rng = np.random.default_rng(0)
+    by_name = {c.name: c for c in conditions}
+    crop = by_name["center:256+jpeg:90"]
+    assert isinstance(crop, Chain) and crop.apply(px, rng).shape == (256, 256, 3)
+    assert by_name["screenshot:1080"].apply(px, rng).shape == (960, 1920, 3)  # fitted into 1920x1080
+    assert by_name["screenshot:1080"].apply(px[:500, :600], rng).shape == (500, 600, 3)  # small: unscaled
+    assert np.array_equal(by_name["png"].apply(px, rng), px)  # lossless: only the container changes
+    assert not np.array_equal(by_name["webp:80"].apply(px, rng), px)
+    for bad in ("center:4", "screenshot:10", "webp:0", "center:256+jpeg:90,80"):
+        with pytest.raises(ValueError):
+            parse_perturbations([bad])

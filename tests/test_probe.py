@@ -237,3 +237,13 @@ def test_info_shows_a_probe_and_load_model_refuses_it_in_one_line(trained_probe)
     assert "clip-probe:clip:onnx:" in done.output and "encoder" in done.output and "platt" in done.output
     with pytest.raises(CheckpointError, match="probe"):
         load_model(path)
+
+
+def test_resize_plus_crop_views_are_the_resized_picture_then_native_crops():
+    big = noise_image(300, 500)
+    views = encoder_views(big, size=224, n=3, mode="resize+crop")
+    assert views.shape == (3, 224, 224, 3)
+    assert np.array_equal(views[0], encoder_views(big, size=224, n=1, mode="resize")[0])
+    assert np.array_equal(views[1:], encoder_views(big, size=224, n=2, mode="crop"))
+    with pytest.raises(ValueError, match="n >= 2"):
+        encoder_views(big, size=224, n=1, mode="resize+crop")

@@ -4,11 +4,16 @@ Preprocessing, identical for both classes: decode (no resizing) -> ``center_crop
 (an in-memory JPEG round trip) -> the condition's perturbation -> patches. The condition ``none`` is
 the images after the first three steps; each perturbation of the robustness sweep is another
 condition, seeded per file content, so that a real and a fake get the same treatment.
+
+Perturbations chain with ``+``: ``center:256+jpeg:90`` is a central 256 px crop then a JPEG
+round trip at quality 90, the way a crop shared on the web arrives. The conditions of the in-the-wild
+figures (issue #18) are :data:`WILD_CONDITIONS`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -19,16 +24,26 @@ from ..fusion import FUSION_RULES, MODEL_FUSION_RULES
 from ..images import DEFAULT_MAX_PIXELS, gaussian_blur, reencode_jpeg
 from ..patches import PatchSettings, relevant_settings
 
-__all__ = ["CLEAN", "MODEL_FUSION_RULES", "PERTURBATION_KINDS", "EvalOptions", "Perturbation", "condition_rng",
+__all__ = ["CLEAN", "MODEL_FUSION_RULES", "PERTURBATION_KINDS", "WILD_CONDITIONS", "Chain", "EvalOptions",
+           "Perturbation", "condition_rng",
            "parse_perturbations", "preprocess"]
 
 CLEAN = "none"
-PERTURBATION_KINDS = ("jpeg", "resize", "blur", "crop")
+PERTURBATION_KINDS = ("jpeg", "webp", "resize", "blur", "crop", "center", "png", "screenshot")
+# How images arrive where people scan them: each a condition of `detector evaluate --wild`
+WILD_CONDITIONS = ("center:256+jpeg:90", "resize:0.5", "jpeg:75", "screenshot:1080")
 
 
 @dataclass(frozen=True)
 class Perturbation:
-    """One condition of the robustness sweep: ``jpeg:Q``, ``resize:F``, ``blur:SIGMA`` or ``crop:S``."""
+    """One step of a condition of the robustness sweep.
+
+    ``jpeg:Q`` and ``webp:Q`` (a round trip at quality Q), ``resize:F`` (bicubic, factor F),
+    ``blur:SIGMA``, ``crop:S`` (an S px crop at a seeded random place), ``center:S`` (the central S px,
+    on the 8 px JPEG grid), ``png`` (a lossless PNG re-save: the pixels are unchanged, only the
+    container is), ``screenshot:H`` (what a screenshot of the image shown on a 16:9 screen H px high
+    keeps: fitted into (16/9 H) x H with bilinear smoothing if larger, saved as PNG).
+    """
 
     kind: str
     value: float
@@ -43,12 +58,16 @@ class Perturbation:
             raise ValueError(f"resize factor must be in (0, 4], got {v:g}")
         if self.kind == "blur" and not 0 < v <= 20:
             raise ValueError(f"blur sigma must be in (0, 20], got {v:g}")
-        if self.kind == "crop" and not (float(v).is_integer() and v >= 8):
-            raise ValueError(f"crop size must be an integer >= 8, got {v:g}")
+        if self.kind == "webp" and not (float(v).is_integer() and 1 <= v <= 100):
+            raise ValueError(f"webp quality must be an integer in [1, 100], got {v:g}")
+        if self.kind in ("crop", "center") and not (float(v).is_integer() and v >= 8):
+            raise ValueError(f"{self.kind} size must be an integer >= 8, got {v:g}")
+        if self.kind == "screenshot" and not (float(v).is_integer() and v >= 64):
+            raise ValueError(f"screenshot height must be an integer >= 64, got {v:g}")
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.value:g}"
+        return "png" if self.kind == "png" else f"{self.kind}:{self.value:g}"
 
     def apply(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The perturbed RGB uint8 pixels; ``rng`` places the crop (the other kinds ignore it)."""
@@ -56,7 +75,18 @@ class Perturbation:
             return reencode_jpeg(pixels, int(self.value))
         if self.kind == "blur":
             return np.ascontiguousarray(gaussian_blur(pixels, float(self.value)))
+        if self.kind in ("webp", "png"):
+            return _round_trip(pixels, self.kind.upper(), int(self.value) if self.kind == "webp" else None)
+        if self.kind == "center":
+            return preprocess(pixels, center_crop=int(self.value))
         h, w = pixels.shape[:2]
+        if self.kind == "screenshot":
+            box_h, box_w = int(self.value), round(self.value * 16 / 9)
+            factor = min(1.0, box_h / h, box_w / w)
+            if factor < 1:
+                size = (max(1, round(w * factor)), max(1, round(h * factor)))
+                pixels = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(size, Image.BILINEAR))
+            return _round_trip(pixels, "PNG", None)
         if self.kind == "resize":
             size = (max(1, round(w * self.value)), max(1, round(h * self.value)))
             return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(size, Image.BICUBIC))
@@ -65,10 +95,50 @@ class Perturbation:
         return np.ascontiguousarray(pixels[top : top + ch, left : left + cw])
 
 
-def parse_perturbations(specs: Iterable[str]) -> tuple[Perturbation, ...]:
-    """``["jpeg:95,75", "blur:1"]`` -> one :class:`Perturbation` per value, in order, without repeats."""
-    out: list[Perturbation] = []
+def _round_trip(pixels: np.ndarray, fmt: str, quality: int | None) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt, **({"quality": quality} if quality else {}))
+    buffer.seek(0)
+    with Image.open(buffer) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Perturbations applied one after the other (``center:256+jpeg:90``); one condition."""
+
+    steps: tuple[Perturbation, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.steps)
+
+    def apply(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        for step in self.steps:
+            pixels = step.apply(pixels, rng)
+        return pixels
+
+
+def parse_perturbations(specs: Iterable[str]) -> tuple[Perturbation | Chain, ...]:
+    """``["jpeg:95,75", "blur:1", "center:256+jpeg:90"]`` -> one condition per value (a chain for
+    ``+``), in order, without repeats. ``png`` takes no value."""
+    out: list[Perturbation | Chain] = []
     for spec in specs:
+        if "+" in spec:
+            steps = []
+            for part in spec.split("+"):
+                parsed = parse_perturbations([part.strip()])
+                if len(parsed) != 1 or isinstance(parsed[0], Chain):
+                    raise ValueError(f"{spec!r}: each step of a chain takes exactly one value")
+                steps.append(parsed[0])
+            chain = Chain(tuple(steps))
+            if chain not in out:
+                out.append(chain)
+            continue
+        if spec.strip().lower() == "png":
+            if Perturbation("png", 0) not in out:
+                out.append(Perturbation("png", 0))
+            continue
         kind, sep, values = spec.partition(":")
         if not sep or not values:
             raise ValueError(f"a perturbation is KIND:VALUE[,VALUE...] with KIND in {', '.join(PERTURBATION_KINDS)}, "
@@ -99,7 +169,7 @@ class EvalOptions:
     model_weights: tuple[float, ...] | None = None  # each model's say in the fused column (None: equal)
     align_jpeg: int | None = None
     center_crop: int | None = None
-    perturbations: tuple[Perturbation, ...] = ()
+    perturbations: tuple[Perturbation | Chain, ...] = ()
     batch_size: int = 16
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -120,7 +190,7 @@ class EvalOptions:
             raise ValueError("batch_size must be >= 1, workers >= 0 and n_boot >= 0")
 
     @property
-    def conditions(self) -> tuple[Perturbation | None, ...]:
+    def conditions(self) -> tuple[Perturbation | Chain | None, ...]:
         """``None`` (the clean condition) then each perturbation."""
         return (None, *self.perturbations)
 
