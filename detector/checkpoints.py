@@ -26,7 +26,7 @@ import math
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
@@ -88,6 +88,35 @@ class CheckpointInfo:
     def threshold(self) -> float:
         """Logit at or above which an image is called generated, where the probability is 0.5 (default 0)."""
         return float(self.metadata.get("calibration", {}).get("threshold", 0.0))
+
+    def at_fpr(self, rate: float) -> "CheckpointInfo":
+        """This checkpoint with its threshold moved to the operating point of false-positive rate
+        ``rate``, read from the calibration's ``operating_points`` (interpolated in log rate between
+        the stored ones). Raises :class:`CheckpointError` when it has none or ``rate`` is outside them."""
+        import math
+
+        calibration = self.metadata.get("calibration") or {}
+        try:
+            points = sorted((float(k), float(v)) for k, v in (calibration.get("operating_points") or {}).items()
+                            if float(k) > 0)
+        except (TypeError, ValueError):
+            points = []
+        if not points:
+            raise CheckpointError(f"{self.path}: its calibration has no operating points, so it cannot be set to a "
+                                  f"false-positive rate (calibrate it with `detector calibrate --target-far`)")
+        if not points[0][0] <= rate <= points[-1][0]:
+            raise CheckpointError(f"{self.path}: a false-positive rate of {rate:g} is outside the calibrated ones "
+                                  f"({points[0][0]:g} to {points[-1][0]:g})")
+        logs = [math.log(r) for r, _ in points]
+        x = math.log(rate)
+        i = max(j for j in range(len(points)) if logs[j] <= x)
+        if i == len(points) - 1:
+            threshold = points[i][1]
+        else:
+            f = (x - logs[i]) / (logs[i + 1] - logs[i])
+            threshold = points[i][1] + f * (points[i + 1][1] - points[i][1])
+        moved = {**calibration, "threshold": threshold, "target_fpr": rate, "rule": f"fpr<={rate:g}"}
+        return replace(self, metadata={**self.metadata, "calibration": moved})
 
     def margin(self, logit: float) -> float:
         """The calibrated logit ``(logit - threshold) / temperature``: Platt scaling ``a * logit + b``

@@ -107,9 +107,27 @@ def _load_one(path: Path, architecture: str | None, device: str, precision: str,
 
 
 def _load_models(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
-                 fusion_models: str | None = None, backend: str = "auto", threads: int | None = None):
+                 fusion_models: str | None = None, backend: str = "auto", threads: int | None = None,
+                 target_fpr: float | None = None):
     """The detector(s) to run as an :class:`~detector.inference.Ensemble`: the given --weights
-    (several are fused, with equal say), else the default model set (its rule and weights)."""
+    (several are fused, with equal say), else the default model set (its rule and weights); with
+    ``target_fpr``, every voting member's threshold moved to that false-positive rate."""
+    ensemble = _load_ensemble(weights, architecture, device, precision, fusion_models, backend, threads)
+    if target_fpr is not None:
+        from .checkpoints import CheckpointError
+
+        say = ensemble.weights or [1.0] * len(ensemble.members)
+        try:
+            for member, weight in zip(ensemble.members, say):
+                if weight > 0:
+                    member.info = member.info.at_fpr(target_fpr)
+        except (CheckpointError, AttributeError) as err:
+            _fail(str(err) if isinstance(err, CheckpointError) else "--target-fpr needs weights with a calibration")
+    return ensemble
+
+
+def _load_ensemble(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
+                   fusion_models: str | None, backend: str, threads: int | None):
     from .checkpoints import CheckpointError
     from .inference import Ensemble, load_ensemble, tune_process
 
@@ -181,6 +199,15 @@ def _patch_options(f):
     return f
 
 
+def _target_fpr_option(f):
+    """--target-fpr of scan and evaluate: the operating point of the verdict."""
+    return click.option(
+        "--target-fpr", type=click.FloatRange(0.001, 0.2), default=None, metavar="RATE",
+        help="Call images generated at the threshold where this share of real photos from unseen sources is "
+             "(e.g. 0.01); the probability is then 0.5 at that point. Default: the weights' own operating point "
+             "(5% for the bundled detector).")(f)
+
+
 def _backend_option(f):
     """--backend of scan and evaluate: what runs the network (see detector.runtimes)."""
     return click.option(
@@ -238,9 +265,10 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_patch_options
 @_backend_option
+@_target_fpr_option
 def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report_path, quiet, mode, patch_size, num_patches, layout, seed, fusion,
          tile_size, tile_margin, device, precision, batch_size, workers, threads, max_pixels, architecture,
-         backend) -> None:
+         backend, target_fpr) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
     \b
@@ -256,7 +284,7 @@ def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report
 
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
     threads, workers = _share_cpus(workers, threads)
-    detector = _load_models(weights, architecture, device, precision, fusion_models, backend, threads)
+    detector = _load_models(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr)
     try:
         options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
@@ -668,9 +696,10 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_patch_options
 @_backend_option
+@_target_fpr_option
 def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, center_crop, perturb, wild, n_boot, quiet, mode,
              patch_size, num_patches, layout, seed, fusion, tile_size, tile_margin, device, precision, batch_size,
-             workers, threads, max_pixels, architecture, backend) -> None:
+             workers, threads, max_pixels, architecture, backend, target_fpr) -> None:
     """Benchmark metrics on labelled DATA, per generator, with bias guards and robustness sweeps.
 
     DATA: manifest CSVs (path,label[,generator][,family]), CNNDetection folders
@@ -715,7 +744,7 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
             click.echo(f"read {class_counts(table)}", err=True)
             threads, workers = _share_cpus(workers, threads)
-            models = _load_models(weights, architecture, device, precision, fusion_models, backend, threads)
+            models = _load_models(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr)
             options = dataclasses.replace(options, model_fusion=models.rule, workers=workers,
                                           model_weights=tuple(models.weights) if models.weights else None)
             result = run(table, models.members, output_dir, options, names=models.names, inputs=[str(d) for d in data])

@@ -68,3 +68,51 @@ def test_calibrate_then_scan_one_meaning_for_a_verdict(tmp_path, fixture_dir):
     assert "uncalibrated for these settings" in done.output
     record = json.loads((tmp_path / "other.csv.json").read_text())
     assert record["probabilities_calibrated"] is False and record["uncalibrated_models"] == ["calibrated"]
+
+
+def test_thresholds_at_fpr_call_at_most_that_share_of_reals_generated():
+    from detector.training.calibration import thresholds_at_fpr
+
+    rng = np.random.default_rng(0)
+    reals = rng.normal(size=997)
+    for rate, t in thresholds_at_fpr(reals, (0.001, 0.01, 0.05, 0.2)).items():
+        share = (reals >= t).mean()
+        assert share <= float(rate)
+        assert (reals >= np.max(reals[reals < t])).mean() > float(rate)  # the lowest such threshold
+    # weights: a source of 900 photos and one of 100 weighing alike
+    big, small = rng.normal(0, 1, 900), rng.normal(3, 1, 100)
+    weights = np.r_[np.full(900, 1 / 900), np.full(100, 1 / 100)]
+    t = thresholds_at_fpr(np.r_[big, small], (0.05,), weights)["0.05"]
+    assert 0.5 * (big >= t).mean() + 0.5 * (small >= t).mean() <= 0.05
+
+
+def test_target_fpr_moves_the_operating_point_and_keeps_label_and_probability_together(tmp_path, fixture_dir):
+    weights = tmp_path / "w.safetensors"
+    save_checkpoint(weights, seeded_model("resnet18nodown"), dtype=None)
+    runner = CliRunner()
+    common = ["--patch-size", "64", "--num-patches", "1", "--device", "cpu", "--precision", "fp32"]
+    out = tmp_path / "op.safetensors"
+    done = runner.invoke(main, ["calibrate", str(weights), "--data", str(fixture_dir / "manifest.csv"), "-o", str(out),
+                                "--target-far", "0.2", "-q", *common])
+    assert done.exit_code == 0, done.output
+    _, info = load_model(out)
+    cal = info.metadata["calibration"]
+    assert cal["target_fpr"] == 0.2 and cal["threshold"] == pytest.approx(cal["operating_points"]["0.2"])
+    labels = {}
+    for rate in ("0.2", "0.01"):
+        csv = tmp_path / f"at{rate}.csv"
+        done = runner.invoke(main, ["scan", str(fixture_dir), "--weights", str(out), "-o", str(csv), "-q",
+                                    "--workers", "0", "--target-fpr", rate, *common])
+        assert done.exit_code == 0, done.output
+        df = pd.read_csv(csv, keep_default_na=False)
+        assert ((df["label"] == "fake") == (df["probability"] >= 0.5)).all()
+        labels[rate] = df.set_index("path")
+    calibrated = json.loads((tmp_path / "at0.01.csv.json").read_text())
+    assert json.dumps(cal["operating_points"]["0.01"])[:8] in json.dumps(calibrated)
+    assert (labels["0.01"]["label"] == "fake").sum() <= (labels["0.2"]["label"] == "fake").sum()
+    assert (labels["0.01"]["logit"] == labels["0.2"]["logit"]).all()  # the ranking never moves
+    # weights without operating points: refused in one line, no CSV written
+    done = runner.invoke(main, ["scan", str(fixture_dir), "--weights", str(weights), "-o", str(tmp_path / "no.csv"),
+                                "-q", "--workers", "0", "--target-fpr", "0.01", *common])
+    assert done.exit_code != 0 and "no operating points" in done.output
+    assert not (tmp_path / "no.csv").exists()

@@ -19,10 +19,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
-from ..metrics import equal_error_rate, logloss, sigmoid, threshold_at_far
+from ..metrics import equal_error_rate, logloss, sigmoid
 
-__all__ = ["Calibration", "calibrate_detector", "calibration_from_evaluation", "fit_calibration", "fit_platt",
-           "fit_temperature"]
+__all__ = ["FPR_TARGETS", "Calibration", "calibrate_detector", "calibration_from_evaluation", "fit_calibration",
+           "fit_operating_point", "fit_platt", "fit_temperature", "thresholds_at_fpr"]
+
+# False-positive rates a user may ask for (`--target-fpr`); each gets its threshold in the checkpoint
+FPR_TARGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 _LOG_T_BOUNDS = (np.log(0.01), np.log(100.0))
 
@@ -35,9 +38,53 @@ class Calibration:
     n_real: int = 0
     n_fake: int = 0
     settings: dict = field(default_factory=dict)
+    target_fpr: float | None = None
+    operating_points: dict = field(default_factory=dict)  # "0.01" -> threshold giving that FPR
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.target_fpr is None:  # Platt-only calibrations keep the record they always had
+            del out["target_fpr"], out["operating_points"]
+        return out
+
+
+def thresholds_at_fpr(real_logits: np.ndarray, targets=FPR_TARGETS, weights: np.ndarray | None = None) -> dict[str, float]:
+    """For each target rate ``r``, the lowest threshold at which a weighted share of at most ``r`` of
+    ``real_logits`` reaches it (an image is called generated when its logit is at least the threshold).
+
+    ``weights`` (default equal) let each real-photo source count alike, so that the rate holds for
+    sources unlike the biggest one.
+    """
+    s = np.asarray(real_logits, dtype=np.float64)
+    w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
+    if s.size == 0:
+        raise ValueError("thresholds need real-photo scores")
+    order = np.argsort(-s, kind="stable")
+    s, share = s[order], np.cumsum(w[order]) / w.sum()
+    out = {}
+    for r in targets:
+        allowed = int(np.searchsorted(share, r + 1e-12, side="right"))  # reals that may sit above
+        out[f"{r:g}"] = float(np.nextafter(s[allowed], np.inf)) if allowed < s.size else float(s[-1])
+    return out
+
+
+def fit_operating_point(labels: np.ndarray, logits: np.ndarray, *, target_fpr: float = 0.05,
+                        real_weights: np.ndarray | None = None, threshold: float | None = None,
+                        settings: dict | None = None) -> Calibration:
+    """A calibration whose 0.5 falls on the operating point: the threshold at which at most
+    ``target_fpr`` of the (weighted) reals are called generated, and the temperature that fits the
+    probabilities around it. ``threshold`` overrides the one computed here (e.g. the strictest of
+    several conditions); the operating points of :data:`FPR_TARGETS` are stored beside it, so a user
+    can ask for another rate without refitting.
+    """
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(logits, dtype=np.float64)
+    _both(y)
+    points = thresholds_at_fpr(s[y == 0], sorted({*FPR_TARGETS, target_fpr}), real_weights)
+    t = points[f"{target_fpr:g}"] if threshold is None else float(threshold)
+    temperature = fit_temperature(y, s, t)
+    return Calibration(temperature, t, f"fpr<={target_fpr:g}", int((y == 0).sum()), int((y == 1).sum()),
+                       dict(settings or {}), target_fpr, points)
 
 
 def _both(y: np.ndarray) -> None:
@@ -100,8 +147,7 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray, *, target_far: float
         temperature, threshold = fit_platt(y, s)
         rule = "platt"
     else:
-        threshold = float(threshold_at_far(y, s, target_far))
-        temperature, rule = fit_temperature(y, s, threshold), f"far<={target_far:g}"
+        return fit_operating_point(y, s, target_fpr=target_far, settings=settings)
     return Calibration(temperature, threshold, rule, int((y == 0).sum()), int((y == 1).sum()), dict(settings or {}))
 
 

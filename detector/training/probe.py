@@ -34,7 +34,8 @@ from ..patches import encoder_views
 from ..probe import PROBE_PREFIX, LinearProbe, ProbeConfig
 from .calibration import fit_calibration
 
-__all__ = ["C_GRID", "FeatureCache", "ProbeTrainConfig", "embed_images", "fit_probe", "train_probe"]
+__all__ = ["C_GRID", "FeatureCache", "ProbeTrainConfig", "embed_images", "fit_probe", "group_weights", "probe_config",
+           "train_probe"]
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
@@ -141,12 +142,27 @@ def embed_images(
     return out
 
 
-def _stack(features: Sequence[np.ndarray], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Views as rows, their labels, and weights that give every image the same total weight."""
+def _stack(features: Sequence[np.ndarray], labels: np.ndarray,
+           image_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views as rows, their labels, and weights that give every image its weight (1 by default),
+    shared among its views."""
     x = np.concatenate(features)
     y = np.concatenate([np.full(len(f), lab) for f, lab in zip(features, labels)])
-    w = np.concatenate([np.full(len(f), 1.0 / len(f)) for f in features])
+    iw = np.ones(len(features)) if image_weights is None else np.asarray(image_weights, dtype=np.float64)
+    w = np.concatenate([np.full(len(f), wi / len(f)) for f, wi in zip(features, iw)])
     return x, y, w
+
+
+def group_weights(groups: Sequence[str], power: float = 0.5) -> np.ndarray:
+    """Per-image weights that give a group of ``n`` images a total weight of ``n ** power``.
+
+    ``power`` 1 weighs images alike, 0 weighs groups (sources, generators) alike; 0.5 keeps a
+    collection of a thousand photos from drowning forty small ones without letting three images
+    of a rare generator count as much as a thousand.
+    """
+    counts = pd.Series(list(groups)).value_counts()
+    n = np.array([counts[g] for g in groups], dtype=np.float64)
+    return n ** power / n
 
 
 def image_logits(probe: LinearProbe, features: Sequence[np.ndarray]) -> np.ndarray:
@@ -160,11 +176,13 @@ def fit_probe(
     *,
     c: float,
     seed: int = 0,
+    image_weights: np.ndarray | None = None,
 ) -> LinearProbe:
-    """A class-balanced L2 logistic regression on standardised, L2-normalised view features."""
+    """A class-balanced L2 logistic regression on standardised, L2-normalised view features
+    (``image_weights``: each image's weight within its class, e.g. :func:`group_weights`)."""
     from sklearn.linear_model import LogisticRegression
 
-    x, y, w = _stack(train_features, np.asarray(train_labels))
+    x, y, w = _stack(train_features, np.asarray(train_labels), image_weights)
     z = LinearProbe.normalise(x)
     mean, scale = z.mean(axis=0), z.std(axis=0) + 1e-6
     for cls in (0, 1):  # each class carries half of the weight, whatever the counts
@@ -177,6 +195,19 @@ def fit_probe(
 def _usable(table: pd.DataFrame, features: list[np.ndarray | None]) -> tuple[list[np.ndarray], np.ndarray, pd.DataFrame]:
     keep = [i for i, f in enumerate(features) if f is not None]
     return [features[i] for i in keep], table["label"].to_numpy()[keep], table.iloc[keep].reset_index(drop=True)
+
+
+def probe_config(backbone_name: str, backbone: Backbone, *, views: int, view_mode: str) -> ProbeConfig:
+    """The architecture record of a probe on ``backbone`` (created from ``backbone_name``).
+
+    An ONNX encoder is recorded by file name: a checkout and an installed package keep it in
+    different folders, and :func:`detector.probe.find_encoder` looks for it by name and sha256.
+    """
+    record = backbone.config.to_dict()
+    if backbone_name.startswith("clip:onnx:"):
+        record = {**record, "name": f"clip:onnx:{Path(backbone_name[len('clip:onnx:'):]).name}"}
+    return ProbeConfig(architecture=f"{PROBE_PREFIX}:{backbone_name}", backbone=record, views=views,
+                       view_mode=view_mode)
 
 
 def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataFrame,
@@ -208,16 +239,10 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
     val_logits = image_logits(probe, val_f)
     calibration = fit_calibration(val_y, val_logits, target_far=config.target_far)
     arch = f"{PROBE_PREFIX}:{config.backbone}"
-    probe_config = ProbeConfig(architecture=arch, backbone=backbone.config.to_dict(), views=config.views,
-                               view_mode=config.view_mode)
-    # the encoder is recorded by file name: a checkout and an installed package keep it in different folders
-    if config.backbone.startswith("clip:onnx:"):
-        probe_config = ProbeConfig(**{**probe_config.to_dict(), "backbone": {
-            **probe_config.backbone, "name": f"clip:onnx:{Path(config.backbone[len('clip:onnx:'):]).name}"}})
-    probe.config = probe_config
+    probe.config = probe_config(config.backbone, backbone, views=config.views, view_mode=config.view_mode)
     record = {
         "architecture": arch,
-        "probe": probe_config.to_dict(),
+        "probe": probe.config.to_dict(),
         "config": config.to_dict(),
         "data": {"train": config.train, "val": config.val, "n_train": len(train_f), "n_val": len(val_f),
                  "n_train_real": int((train_y == 0).sum()), "n_train_fake": int((train_y == 1).sum())},
