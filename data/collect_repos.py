@@ -148,7 +148,8 @@ def read_selections(paths: list[Path]) -> list[Selection]:
 def find_snapshot(snapshots: Path, repo: str) -> Path:
     """The git directory of ``repo`` under ``snapshots`` (fetch's bare layout or a clone)."""
     owner, name = repo.split("/")
-    for candidate in (snapshots / f"{owner}+{name}" / "repo", snapshots / f"{owner}+{name}",
+    for candidate in (snapshots / f"{owner}+{name}" / "repo", snapshots / f"{owner}+{name}" / "repo" / ".git",
+                      snapshots / f"{owner}+{name}",
                       snapshots / owner / name / ".git", snapshots / owner / name):
         if (candidate / "HEAD").is_file() and (candidate / "objects").is_dir():
             return candidate

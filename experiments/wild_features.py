@@ -4,9 +4,12 @@ Per image, four views of the default encoder (CLIP ViT-B/16 int8, class tokens o
 
 * ``stored_resize``: the file as stored, short side resized to 224, centre crop (the shipped probe's view);
 * ``stored_crop``: the file as stored, the central 224 px at native resolution;
-* ``arrive_resize``: an arrival (:func:`detector.training.arrival.arrive`: crop, downscale, JPEG/WebP/PNG)
+* ``arrival_resize``: an arrival (:func:`detector.training.arrival.arrive`: crop, downscale, JPEG/WebP/PNG)
   then the resized view;
-* ``arrive_crop``: another arrival, then its central 224 px at native resolution.
+* ``arrival_crop``: the same arrival, its central 224 px at native resolution.
+
+The two stored views and the two arrival views are each what a two-view scan (resize + crop) of
+one file sees, so the campaign can score one-view and two-view scans under both conditions.
 
 Arrivals are seeded by the file's SHA-256, so a rerun gives the same views; features are cached per
 file under ``--cache`` (outside the repository), so a killed run resumes where it stopped::
@@ -34,7 +37,7 @@ from detector.patches import encoder_views  # noqa: E402
 from detector.training.arrival import ArrivalRecipe, arrive  # noqa: E402
 from detector.training.probe import FeatureCache  # noqa: E402
 
-VIEWS = ("stored_resize", "stored_crop", "arrive_resize", "arrive_crop")
+VIEWS = ("stored_resize", "stored_crop", "arrival_resize", "arrival_crop")
 ENCODER = "clip:onnx:weights/clip_vitb16.int8.onnx"
 FEATURE = "cls-blocks:5,7,9,11"
 RECIPE = ArrivalRecipe()
@@ -50,11 +53,10 @@ def views_of(path: str, sha256: str, size: int = 224) -> np.ndarray:
     """The four views ``(4, size, size, 3)`` of one file, in the order of ``VIEWS``."""
     pixels = decode_image(path, max_pixels=MAX_PIXELS).pixels
     a, _ = arrive(pixels, seeded(sha256, 1), RECIPE)
-    b, _ = arrive(pixels, seeded(sha256, 2), RECIPE)
     return np.concatenate([encoder_views(pixels, size=size, n=1, mode="resize"),
                            encoder_views(pixels, size=size, n=1, mode="crop"),
                            encoder_views(a, size=size, n=1, mode="resize"),
-                           encoder_views(b, size=size, n=1, mode="crop")])
+                           encoder_views(a, size=size, n=1, mode="crop")])
 
 
 def cache_for(folder: str | Path) -> FeatureCache:

@@ -8,11 +8,19 @@ and one arrival, each seen resized and as a native crop). Steps, each a subcomma
            group: real photos by source, generated images by generator family. The previous sealed
            test split's sources and generators stay in test; any other group goes to test when the
            first hex digit of sha256(group name) is below 3 (about 19%), a rule no result can steer.
-           Writes ``data/splits/wild_pool.csv`` and ``data/splits/wild_test.csv``.
+           A group keeps at most ``--cap`` images in the pool and ``--test-cap`` in test (those with
+           the smallest sha256: a content rule),
+           so that a thousand-photo collection does not outweigh forty small ones and the CPU budget
+           goes to variety. Writes ``data/splits/wild_pool.csv`` and ``data/splits/wild_test.csv``.
 ``cv``     5-fold cross-validation on the pool, grouped (no source and no generator family on both
-           sides of a fold), for every arm: training views x scan views x C. Prints the table and
+           sides of a fold), in two stages: every training view set at C=0.3, then every C for the
+           stage's winner; each arm is scored with every scan view set. Prints the table and
            writes ``experiments/wild_probe.json``; the arm with the best mean AUC over the two
            conditions (as stored, arrival) wins.
+``resnet`` scores a sample of the pool's new images (the data engine's; the ResNet-50 trained on
+           the older ones) with the bundled ResNet-50 as ``detector scan`` does, and measures on it the
+           fusion of the ResNet's calibrated margin with the winner's out-of-fold margin for several
+           weights: the ResNet's weight in ``weights/detector.json`` is the best of them.
 ``fit``    fits the winner on the whole pool and writes ``--out`` (a probe checkpoint) whose
            calibration puts 0.5 on the operating point: the strictest threshold, over both
            conditions, at which at most ``--target-fpr`` of the out-of-fold real scores (each source
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -54,11 +63,13 @@ RESULTS = ROOT / "experiments" / "wild_probe.json"
 OLD_TEST = SPLITS / "test.csv"
 FOLDS = 5
 C_GRID = (0.03, 0.1, 0.3, 1.0)
+STAGE1_C = 0.3
 # training views: which of VIEWS each training image contributes
 TRAIN_VIEWS = {
     "stored-resize": ("stored_resize",),                                   # the shipped probe's recipe
     "stored+arrival-resize": ("stored_resize", "arrival_resize"),
     "all-four": VIEWS,
+    "arrival-only": ("arrival_resize", "arrival_crop"),  # both classes re-encoded alike: no format cue
 }
 # scan views: (condition "stored" views, condition "arrival" views); an image's logit is their mean
 SCAN_VIEWS = {
@@ -107,10 +118,17 @@ def cmd_split(args) -> None:
     table = read_pool(args.manifests)
     old = sealed_groups()
     test = table["group"].map(lambda g: in_test(g, old))
+    before = len(table)
+    table = table.assign(cap=np.where(test, args.test_cap, args.cap))
+    table = table.sort_values("sha256")
+    rank = table.groupby("group", sort=False).cumcount()
+    table = table[rank < table["cap"]].sort_values(["label", "group", "sha256"]).reset_index(drop=True)
+    print(f"{before} images, {len(table)} after the caps ({args.cap} per group in the pool, {args.test_cap} in test)")
+    test = table["group"].map(lambda g: in_test(g, old))
     columns = ["path", "label", "generator", "source", "group", "dataset", "sha256"]
     for name, part in (("wild_pool.csv", table[~test]), ("wild_test.csv", table[test])):
         out = part[columns].copy()
-        out["path"] = [str(Path(p).resolve()) for p in out["path"]]
+        out["path"] = [os.path.relpath(Path(p).resolve(), SPLITS) for p in out["path"]]
         out.to_csv(SPLITS / name, index=False)
         print(f"{name}: {(out.label == 0).sum()} real from {out[out.label == 0].group.nunique()} sources, "
               f"{(out.label == 1).sum()} generated from {out[out.label == 1].group.nunique()} families")
@@ -179,25 +197,33 @@ def cmd_cv(args) -> None:
           f"({table[y == 1].group.nunique()} families)")
     splits = folds(table)
     rows, oof = [], {}
+
+    def run_arm(train_views: str, c: float) -> None:
+        t0 = time.time()
+        logits4 = np.zeros((len(table), len(VIEWS)))
+        for train_idx, test_idx in splits:
+            probe = fit_arm(features[train_idx], y[train_idx], w[train_idx], train_views, c)
+            logits4[test_idx] = view_logits(probe, features[test_idx])
+        oof[(train_views, c)] = logits4
+        for scan_views in SCAN_VIEWS:
+            row = {"train_views": train_views, "C": c, "scan_views": scan_views}
+            for condition, name in enumerate(("stored", "arrival")):
+                s = scan_logits(logits4, scan_views, condition)
+                row[f"auc_{name}"] = auc(y, s)
+                row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, s)
+            row["score"] = (row["auc_stored"] + row["auc_arrival"]) / 2
+            rows.append(row)
+            print(f"{train_views:22s} C={c:<5g} {scan_views:12s} stored {row['auc_stored']:.4f} "
+                  f"(worst {row['worst_stored']:.3f}) arrival {row['auc_arrival']:.4f} "
+                  f"(worst {row['worst_arrival']:.3f})  [{time.time() - t0:.0f} s]", flush=True)
+
+    # stage 1: the training views at a middle C; stage 2: C for the stage's winner
     for train_views in TRAIN_VIEWS:
-        for c in C_GRID:
-            t0 = time.time()
-            logits4 = np.zeros((len(table), len(VIEWS)))
-            for train_idx, test_idx in splits:
-                probe = fit_arm(features[train_idx], y[train_idx], w[train_idx], train_views, c)
-                logits4[test_idx] = view_logits(probe, features[test_idx])
-            oof[(train_views, c)] = logits4
-            for scan_views in SCAN_VIEWS:
-                row = {"train_views": train_views, "C": c, "scan_views": scan_views}
-                for condition, name in enumerate(("stored", "arrival")):
-                    s = scan_logits(logits4, scan_views, condition)
-                    row[f"auc_{name}"] = auc(y, s)
-                    row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, s)
-                row["score"] = (row["auc_stored"] + row["auc_arrival"]) / 2
-                rows.append(row)
-                print(f"{train_views:22s} C={c:<5g} {scan_views:12s} stored {row['auc_stored']:.4f} "
-                      f"(worst {row['worst_stored']:.3f}) arrival {row['auc_arrival']:.4f} "
-                      f"(worst {row['worst_arrival']:.3f})  [{time.time() - t0:.0f} s]", flush=True)
+        run_arm(train_views, STAGE1_C)
+    stage1 = max(rows, key=lambda r: r["score"])["train_views"]
+    for c in C_GRID:
+        if c != STAGE1_C:
+            run_arm(stage1, c)
     best = max(rows, key=lambda r: (round(r["score"], 4), -len(SCAN_VIEWS[r["scan_views"]][0]), -r["C"]))
     print(f"winner: train views {best['train_views']}, C={best['C']:g}, scan views {best['scan_views']} "
           f"(mean AUC {best['score']:.4f})")
@@ -208,6 +234,52 @@ def cmd_cv(args) -> None:
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.write_text(json.dumps(record, indent=1))
     np.save(Path(args.cache) / "oof_winner.npy", oof[(best["train_views"], best["C"])])
+
+
+RESNET_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+
+def cmd_resnet(args) -> None:
+    import subprocess
+
+    from detector.checkpoints import load_model
+
+    record = json.loads(RESULTS.read_text())
+    best = record["winner"]
+    table, _ = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache)
+    oof = np.load(Path(args.cache) / "oof_winner.npy")
+    probe_stored = scan_logits(oof, best["scan_views"], 0)
+    new = table["dataset"].str.contains("shared-corpus")
+    sample = pd.concat([table[new & (table.label == lab)].sort_values("sha256").head(args.n // 2) for lab in (0, 1)])
+    listing = Path(args.cache) / "resnet_sample.csv"
+    sample = sample.assign(path=[str((SPLITS / p).resolve()) for p in sample["path"]])
+    sample[["path"]].to_csv(listing, index=False)
+    out = Path(args.cache) / "resnet_sample_scores.csv"
+    weights = ROOT / "weights" / "resnet50nodown_dev.safetensors"
+    command = [sys.executable, "-m", "detector.cli", "scan", str(listing), "--weights", str(weights), "-o", str(out),
+               "-q", *(["--resume"] if out.exists() else [])]
+    subprocess.run(command, check=True, cwd=ROOT)
+    scores = pd.read_csv(out, keep_default_na=False)
+    scores = scores[scores["error"] == ""]
+    resnet = dict(zip(scores["path"], scores["logit"].astype(float)))
+    _, info = load_model(weights)
+    cal = record.get("operating_point") or {}
+    t, temp = cal.get("threshold", 0.0), cal.get("temperature", 1.0)
+    keep = [i for i, p in zip(sample.index, sample["path"]) if p in resnet]
+    y = table.loc[keep, "label"].to_numpy()
+    m_probe = (probe_stored[keep] - t) / temp
+    m_resnet = np.array([info.margin(resnet[p]) for p in sample.loc[keep, "path"]])
+    rows = []
+    for wr in RESNET_WEIGHTS:
+        fused = (m_probe + wr * m_resnet) / (1 + wr)
+        rows.append({"resnet_weight": wr, "auc": auc(y, fused)})
+        print(f"ResNet weight {wr:<4g} (probe 1): AUC {rows[-1]['auc']:.4f} on {int((y == 0).sum())} real + "
+              f"{int((y == 1).sum())} generated new pool images (ResNet alone {auc(y, m_resnet):.4f})")
+    best_w = max(rows, key=lambda r: (round(r["auc"], 4), -r["resnet_weight"]))
+    record["resnet"] = {"sample": len(keep), "rows": rows, "resnet_alone": auc(y, m_resnet),
+                        "chosen_weight": best_w["resnet_weight"]}
+    RESULTS.write_text(json.dumps(record, indent=1))
+    print(f"chosen ResNet weight: {best_w['resnet_weight']:g}")
 
 
 def cmd_fit(args) -> None:
@@ -252,6 +324,9 @@ def cmd_fit(args) -> None:
         "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     save_checkpoint(args.out, probe, metadata, dtype=None)
+    record["operating_point"] = {"threshold": calibration.threshold, "temperature": calibration.temperature,
+                                 "target_fpr": args.target_fpr}
+    RESULTS.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}: train views {best['train_views']}, C={best['C']:g}, scan views {scan_views}, "
           f"threshold {calibration.threshold:.3f}, temperature {calibration.temperature:.3f}")
 
@@ -261,14 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("split")
     p.add_argument("manifests", nargs="+")
-    for name in ("cv", "fit"):
+    p.add_argument("--cap", type=int, default=50, help="images per group of the pool at most")
+    p.add_argument("--test-cap", type=int, default=30, help="images per group of the sealed test split at most")
+    for name in ("cv", "fit", "resnet"):
         p = sub.add_parser(name)
         p.add_argument("--cache", default="../shared-features/wild")
+        if name == "resnet":
+            p.add_argument("-n", type=int, default=300, help="images scored (half real, half generated)")
         if name == "fit":
             p.add_argument("--out", default="weights/clip_probe_vitb16.safetensors")
             p.add_argument("--target-fpr", type=float, default=0.05)
     args = parser.parse_args(argv)
-    {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit}[args.command](args)
+    {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet}[args.command](args)
     return 0
 
 

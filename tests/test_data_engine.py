@@ -175,3 +175,9 @@ def test_committed_source_lists_parse_and_avoid_held_out_repositories():
     if (SHARED / "blocklist_repos.txt").is_file():
         rule = blocklist.Blocklist.read(SHARED)
         assert not [s.where for s in selections if rule.repo_held_out(s.repo)]
+
+
+@pytest.mark.skipif(not (SHARED / "blocklist.csv").is_file(), reason="../shared/data (the held-out list) is absent")
+def test_the_pinned_package_photos_are_not_held_out():
+    photos = _load("collect_photos")
+    assert photos.held_out_photos(blocklist.Blocklist.read(SHARED)) == []
