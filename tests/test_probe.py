@@ -247,3 +247,29 @@ def test_resize_plus_crop_views_are_the_resized_picture_then_native_crops():
     assert np.array_equal(views[1:], encoder_views(big, size=224, n=2, mode="crop"))
     with pytest.raises(ValueError, match="n >= 2"):
         encoder_views(big, size=224, n=1, mode="resize+crop")
+
+
+def test_group_weights_give_a_group_of_n_images_n_to_the_power():
+    from detector.training.probe import group_weights
+
+    groups = ["a"] * 100 + ["b"] * 4
+    w = group_weights(groups, power=0.5)
+    assert w[:100].sum() == pytest.approx(10.0) and w[100:].sum() == pytest.approx(2.0)
+    assert group_weights(groups, power=1.0) == pytest.approx(np.ones(104))
+    assert group_weights(groups, power=0.0)[:100].sum() == pytest.approx(1.0)
+
+
+def test_fit_probe_with_image_weights_follows_the_weighted_images():
+    from detector.training.probe import fit_probe
+
+    rng = np.random.default_rng(0)
+    # two real groups: one far from the fakes (large), one close to them (small)
+    far, near, fakes = rng.normal(-2, 1, (200, 8)), rng.normal(0.5, 1, (10, 8)), rng.normal(1, 1, (100, 8))
+    feats = [f[None] for f in np.r_[far, near, fakes]]
+    y = np.r_[np.zeros(210), np.ones(100)]
+    plain = fit_probe(feats, y, c=1.0)
+    same = fit_probe(feats, y, c=1.0, image_weights=np.ones(310))
+    assert np.allclose(plain.weight.numpy(), same.weight.numpy(), atol=1e-5)
+    weighted = fit_probe(feats, y, c=1.0, image_weights=np.r_[np.full(200, 0.05), np.full(10, 1.0), np.ones(100)])
+    near_logits = lambda p: p.logits(near).mean()  # noqa: E731
+    assert near_logits(weighted) < near_logits(plain)  # the small group counts more, so it is pushed further to real
