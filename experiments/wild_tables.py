@@ -1,0 +1,94 @@
+"""Markdown tables of a `detector evaluate --wild` run on the sealed test split (#18 item 5).
+
+Reads ``robustness.csv`` (condition x group x model x metric) of the evaluation folder and prints:
+the overall figures per condition (ROC AUC with its interval, recall at 1% and 5% FPR, the default
+label's FPR and recall, counts), then per real source (AUC and the label's FPR per condition) and per
+generator (AUC and the label's recall per condition), each with its number of images::
+
+    .venv/bin/python experiments/wild_tables.py runs/wild_test [--model clip_probe_vitb16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+NAMES = {"none": "as stored", "center:256+jpeg:90": "crop 256 + JPEG 90", "resize:0.5": "50% downscale",
+         "jpeg:75": "JPEG 75", "screenshot:1080": "PNG screenshot (1080p)"}
+
+
+def load(folder: Path, model: str | None) -> tuple[pd.DataFrame, str]:
+    df = pd.read_csv(folder / "robustness.csv")
+    models = [m for m in df["model"].unique() if m != "fused"]
+    chosen = model or models[0]
+    if chosen not in set(df["model"]):
+        raise SystemExit(f"no model {chosen!r} in {folder} (have {sorted(df['model'].unique())})")
+    return df[df["model"] == chosen], chosen
+
+
+def value(df: pd.DataFrame, condition: str, group: str, metric: str) -> float:
+    hit = df[(df.condition == condition) & (df.group == group) & (df.metric == metric)]["value"]
+    return float(hit.iloc[0]) if len(hit) else float("nan")
+
+
+def overall(df: pd.DataFrame, conditions: list[str]) -> str:
+    lines = ["| condition | reals | generated | AUC [95% CI] | recall at 1% FPR | recall at 5% FPR | label FPR | label recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in conditions:
+        v = lambda m: value(df, c, "all", m)  # noqa: E731
+        lines.append(f"| {NAMES.get(c, c)} | {v('n_real'):.0f} | {v('n_fake'):.0f} | {v('auc'):.3f} "
+                     f"[{v('auc_low'):.3f}, {v('auc_high'):.3f}] | {v('pd@0.01far'):.3f} | {v('pd@0.05far'):.3f} "
+                     f"| {1 - v('acc_real'):.3f} | {v('acc_fake'):.3f} |")
+    return "\n".join(lines)
+
+
+def per_group(df: pd.DataFrame, conditions: list[str], prefix: str, rate: str, count: str) -> str:
+    groups = sorted({g for g in df["group"] if (g.startswith("real:") if prefix == "real" else
+                                                 not g.startswith("real:") and g not in ("all", "average"))})
+    head = "| " + ("real source" if prefix == "real" else "generator") + " | n | " + \
+        " | ".join(f"{NAMES.get(c, c)}: AUC / {rate}" for c in conditions) + " |"
+    lines = [head, "|---|---|" + "---|" * len(conditions)]
+    for g in groups:
+        n = value(df, conditions[0], g, count)
+        cells = []
+        for c in conditions:
+            a = value(df, c, g, "auc")
+            r = value(df, c, g, "acc_real" if prefix == "real" else "acc_fake")
+            r = 1 - r if prefix == "real" else r
+            cells.append(f"{a:.3f} / {r:.3f}")
+        lines.append(f"| {g.removeprefix('real:')} | {n:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def worst_source_auc(df: pd.DataFrame, conditions: list[str], min_n: int = 5) -> str:
+    out = []
+    for c in conditions:
+        rows = df[(df.condition == c) & df.group.str.startswith("real:") & (df.metric == "auc")]
+        ns = df[(df.condition == c) & df.group.str.startswith("real:") & (df.metric == "n_real")].set_index("group")["value"]
+        rows = rows[[ns.get(g, 0) >= min_n for g in rows.group]]
+        if rows.empty:
+            continue
+        worst = rows.loc[rows["value"].idxmin()]
+        out.append(f"{NAMES.get(c, c)}: {worst['value']:.3f} ({worst['group'].removeprefix('real:')}, "
+                   f"{ns[worst['group']]:.0f} photos)")
+    return "Worst real source (>= 5 photos) per condition: " + ("; ".join(out) or "none that large") + "."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args(argv)
+    df, model = load(args.folder, args.model)
+    conditions = [c for c in NAMES if c in set(df["condition"])]
+    print(f"model: {model}\n\n{overall(df, conditions)}\n\n{worst_source_auc(df, conditions)}\n")
+    print(per_group(df, conditions, "real", "FPR", "n_real") + "\n")
+    print(per_group(df, conditions, "fake", "recall", "n_fake"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
