@@ -284,6 +284,16 @@ def reencode_jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def reencode(pixels: np.ndarray, fmt: str, quality: int | None = None) -> np.ndarray:
+    """RGB uint8 pixels after an in-memory round trip through ``fmt`` (``JPEG``, ``WEBP``, ``PNG``)
+    at ``quality`` (lossy formats; None: the encoder's default). How a re-shared file arrives."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt, **({"quality": int(quality)} if quality else {}))
+    buffer.seek(0)
+    with Image.open(buffer) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
     """RGB uint8 pixels blurred with a Gaussian of ``sigma`` px (kernel 2*ceil(3 sigma)+1); 0 is a no-op.
 

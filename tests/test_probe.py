@@ -273,3 +273,21 @@ def test_fit_probe_with_image_weights_follows_the_weighted_images():
     weighted = fit_probe(feats, y, c=1.0, image_weights=np.r_[np.full(200, 0.05), np.full(10, 1.0), np.ones(100)])
     near_logits = lambda p: p.logits(near).mean()  # noqa: E731
     assert near_logits(weighted) < near_logits(plain)  # the small group counts more, so it is pushed further to real
+
+
+def test_arrivals_are_seeded_and_stay_within_the_recipe():
+    from detector.training.arrival import ArrivalRecipe, arrive
+
+    px = noise_image(400, 600)
+    a, how_a = arrive(px, np.random.default_rng(3))
+    b, how_b = arrive(px, np.random.default_rng(3))
+    assert how_a == how_b and np.array_equal(a, b)  # a pure function of (pixels, seed)
+    seen = set()
+    for seed in range(40):
+        out, how = arrive(px, np.random.default_rng(seed))
+        assert out.dtype == np.uint8 and out.ndim == 3 and min(out.shape[:2]) >= 64
+        assert out.shape[0] * out.shape[1] >= 400 * 600 / 16 * 0.25 ** 2 * 0.5
+        seen.add(how.rsplit(", ", 1)[-1].split()[0])
+    assert seen == {"jpeg", "webp", "png"}
+    untouched, how = arrive(px, np.random.default_rng(0), ArrivalRecipe(crop_p=0, downscale_p=0, jpeg_p=0, webp_p=0))
+    assert how == "png" and np.array_equal(untouched, px)

@@ -13,7 +13,6 @@ figures (issue #18) are :data:`WILD_CONDITIONS`.
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..fusion import FUSION_RULES, MODEL_FUSION_RULES
-from ..images import DEFAULT_MAX_PIXELS, gaussian_blur, reencode_jpeg
+from ..images import DEFAULT_MAX_PIXELS, gaussian_blur, reencode, reencode_jpeg
 from ..patches import PatchSettings, relevant_settings
 
 __all__ = ["CLEAN", "MODEL_FUSION_RULES", "PERTURBATION_KINDS", "WILD_CONDITIONS", "Chain", "EvalOptions",
@@ -76,7 +75,7 @@ class Perturbation:
         if self.kind == "blur":
             return np.ascontiguousarray(gaussian_blur(pixels, float(self.value)))
         if self.kind in ("webp", "png"):
-            return _round_trip(pixels, self.kind.upper(), int(self.value) if self.kind == "webp" else None)
+            return reencode(pixels, self.kind.upper(), int(self.value) if self.kind == "webp" else None)
         if self.kind == "center":
             return preprocess(pixels, center_crop=int(self.value))
         h, w = pixels.shape[:2]
@@ -86,21 +85,13 @@ class Perturbation:
             if factor < 1:
                 size = (max(1, round(w * factor)), max(1, round(h * factor)))
                 pixels = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(size, Image.BILINEAR))
-            return _round_trip(pixels, "PNG", None)
+            return reencode(pixels, "PNG", None)
         if self.kind == "resize":
             size = (max(1, round(w * self.value)), max(1, round(h * self.value)))
             return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(size, Image.BICUBIC))
         ch, cw = min(int(self.value), h), min(int(self.value), w)
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         return np.ascontiguousarray(pixels[top : top + ch, left : left + cw])
-
-
-def _round_trip(pixels: np.ndarray, fmt: str, quality: int | None) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt, **({"quality": quality} if quality else {}))
-    buffer.seek(0)
-    with Image.open(buffer) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 @dataclass(frozen=True)

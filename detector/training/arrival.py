@@ -12,11 +12,12 @@ classes. Every choice comes from the generator passed in: a view is a pure funct
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
+
+from ..images import reencode
 
 __all__ = ["ArrivalRecipe", "arrive"]
 
@@ -37,15 +38,6 @@ class ArrivalRecipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _encode(pixels: np.ndarray, fmt: str, quality: int | None) -> np.ndarray:
-    buffer = io.BytesIO()
-    kwargs = {"quality": quality} if quality is not None else {}
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt, **kwargs)
-    buffer.seek(0)
-    with Image.open(buffer) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def arrive(pixels: np.ndarray, rng: np.random.Generator, recipe: ArrivalRecipe = ArrivalRecipe()) -> tuple[np.ndarray, str]:
@@ -72,11 +64,11 @@ def arrive(pixels: np.ndarray, rng: np.random.Generator, recipe: ArrivalRecipe =
     u = rng.random()
     if u < recipe.jpeg_p:
         q = int(rng.integers(recipe.jpeg_quality[0], recipe.jpeg_quality[1] + 1))
-        pixels, step = _encode(pixels, "JPEG", q), f"jpeg {q}"
+        pixels, step = reencode(pixels, "JPEG", q), f"jpeg {q}"
     elif u < recipe.jpeg_p + recipe.webp_p:
         q = int(rng.integers(recipe.webp_quality[0], recipe.webp_quality[1] + 1))
-        pixels, step = _encode(pixels, "WEBP", q), f"webp {q}"
+        pixels, step = reencode(pixels, "WEBP", q), f"webp {q}"
     else:
-        pixels, step = _encode(pixels, "PNG", None), "png"
+        pixels, step = reencode(pixels, "PNG"), "png"
     steps.append(step)
     return np.ascontiguousarray(pixels), ", ".join(steps)
