@@ -54,8 +54,7 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
 SELECTION_COLUMNS = ["repo", "commit", "pattern", "label", "generator", "source", "license", "cut", "note"]
 MANIFEST_COLUMNS = ["path", "label", "generator", "source", "width", "height", "format", "license",
                     "origin", "sha256", "dhash64", "cut"]
-MAX_PIXELS = 64_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+MAX_PIXELS = 64_000_000  # larger files are refused before decoding
 
 
 class SelectionError(ValueError):
@@ -213,6 +212,8 @@ def open_image(data: bytes) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         Image.init()
         image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS & set(Image.OPEN)))
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} is more than {MAX_PIXELS} pixels")
         image.load()
     return image
 

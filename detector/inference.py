@@ -489,18 +489,20 @@ def load_ensemble(spec: str | os.PathLike, *, device: str = "auto", precision: s
         rule = str(config.get("fusion", "mean"))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{spec}: not a model-set file ({err})") from None
-    members, names, weights = [], [], []
+    members, names, weights, missing = [], [], [], []
     for name, path, weight in entries:
         try:
             members.append(load_detector(path, device=device, precision=precision, threads=threads, backend=backend))
             names.append(name)
             weights.append(weight)
         except BackboneError as err:
-            if warn is None:
-                raise
+            if warn is None or len(entries) == 1:
+                missing.append(str(err))
+                continue
             warn(f"{err} Scoring without the {name} model.")
     if not members:
-        raise ValueError(f"{spec}: none of its models could be loaded")
+        raise ValueError(f"{spec}: none of its models could be loaded" + (f": {missing[0]}" if missing else "")
+                         + (" Or put the encoder in that folder (README, Installing)." if missing else ""))
     if not any(weights):  # the deciding models are missing: let the rest decide, with equal say
         if warn is not None and len(members) < len(entries):
             warn(f"the models left of {spec.name} had no say in its verdict; they decide alone now")
