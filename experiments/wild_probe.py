@@ -305,7 +305,7 @@ def cmd_fit(args) -> None:
     backbone = create_backbone(ENCODER, feature=FEATURE)
     scan_views = best["scan_views"]
     n_views = len(SCAN_VIEWS[scan_views][0])
-    probe.config = probe_config(ENCODER, backbone, views=n_views, view_mode=scan_views if n_views > 1 else scan_views)
+    probe.config = probe_config(ENCODER, backbone, views=n_views, view_mode=scan_views)
     metadata = {
         "architecture": probe.config.architecture,
         "probe": probe.config.to_dict(),
