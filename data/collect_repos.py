@@ -239,6 +239,7 @@ class Candidate:
     height: int
     format: str
     tile: str  # "" for a whole file, "r0c1" for a tile, "box" for a box
+    dhash: int  # of the pixels written, computed from the image already decoded
 
     def out_name(self) -> str:
         stem = Path(self.repo_path).stem
@@ -273,7 +274,7 @@ def candidates(selection: Selection, snapshot: Snapshot, files: list[tuple[str, 
             continue
         fmt = "JPEG" if image.format == "MPO" else image.format
         if kind == "whole":
-            out.append(Candidate(selection, path, data, image.width, image.height, fmt, ""))
+            out.append(Candidate(selection, path, data, image.width, image.height, fmt, "", dhash64(image)))
             continue
         try:
             boxes = (tile_boxes(image.width, image.height, *args) if kind == "grid" else [args])
@@ -287,7 +288,7 @@ def candidates(selection: Selection, snapshot: Snapshot, files: list[tuple[str, 
                 continue
             tile = rgb.crop(box)
             name = f"r{i // args[1]}c{i % args[1]}" if kind == "grid" else "box"
-            out.append(Candidate(selection, path, png_bytes(tile), tile.width, tile.height, "PNG", name))
+            out.append(Candidate(selection, path, png_bytes(tile), tile.width, tile.height, "PNG", name, dhash64(tile)))
     return out
 
 
@@ -345,9 +346,7 @@ def collect(selections: list[Selection], snapshots: Path, blocklist: Blocklist, 
                         continue
                     trees[s.commit] = snapshot.files(s.commit)
                 for c in candidates(s, snapshot, trees[s.commit], problems):
-                    digest = sha256_bytes(c.data)
-                    with Image.open(io.BytesIO(c.data)) as image:
-                        dhash = dhash64(image)
+                    digest, dhash = sha256_bytes(c.data), c.dhash
                     origin = f"{repo}:{c.repo_path}@{s.commit}"
                     reason = ""
                     if min(c.width, c.height) < min_side:
