@@ -27,7 +27,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from detector.inference import Detector, tune_process
+    from detector.hardware import tune_process
+    from detector.inference import Detector
 
     det = Detector.from_checkpoint(ROOT / "weights" / "resnet50nodown_dev.safetensors", device="cpu",
                                    precision=args.precision)

@@ -56,7 +56,8 @@ def make_jpeg(path: Path, width: int, height: int) -> None:
 
 
 def _child(image: str, mode: str, out: str) -> None:
-    from detector.inference import Detector, tune_process
+    from detector.hardware import tune_process
+    from detector.inference import Detector
     from detector.patches import PatchSettings
     from detector.scanning import ScanOptions, scan
 

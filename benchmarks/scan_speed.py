@@ -141,7 +141,7 @@ def published_vs_scan(crops: list[Path], tmp: Path, n: int = 40) -> dict:
 
 def configurations(tmp: Path, onnxruntime_int8: bool) -> list[tuple[str, Path, list[str]]]:
     """(name, weights, extra scan options) of every backend and precision measured."""
-    from detector.inference import int8_companion
+    from detector.hub import int8_companion
 
     exported = tmp / "export"
     cmd = [str(BIN / "detector"), "export", "--format", "onnx", "--format", "openvino", str(WEIGHTS), "-o", str(exported)]
@@ -194,7 +194,7 @@ def cpu_model() -> str:
 def machine() -> dict:
     import torch
 
-    from detector.inference import cpu_has_bf16, cpu_has_int8_dot
+    from detector.hardware import cpu_has_bf16, cpu_has_int8_dot
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE")
             * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "bf16": cpu_has_bf16(), "int8_dot": cpu_has_int8_dot(),

@@ -2,10 +2,10 @@
 
 The public API; the command line (:mod:`detector.cli`) is a thin layer over it::
 
-    from detector import Detector
-    det = Detector.from_checkpoint("weights/resnet50nodown_dev.safetensors")
-    pred = det.predict("photo.jpg")
-    print(pred.probability, pred.label, pred.logit_map.shape)
+    import detector
+    model = detector.load()                 # the bundled default; or load("weights.safetensors" / "set.json")
+    verdict = model.predict("photo.jpg")
+    print(verdict.probability, verdict.label, verdict.members)
 
 The names below are imported on first use (PEP 562), not with the package: ``detector --help``
 and the report commands then start without loading torch, pandas or scikit-learn.
@@ -31,6 +31,9 @@ _EXPORTS = {
     "decode_image": "images",
     "find_images": "images",
     "Detector": "inference",
+    "Ensemble": "ensemble",
+    "Verdict": "calibration",
+    "load": "hub",
     "Prediction": "inference",
     "create_model": "models",
     "list_models": "models",
@@ -63,6 +66,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .evaluation import EvalOptions, evaluate
     from .export import ExportOptions, export_model, load_exported
     from .images import ImageError, decode_image, find_images
+    from .calibration import Verdict
+    from .ensemble import Ensemble
+    from .hub import load
     from .inference import Detector, Prediction
     from .models import create_model, list_models
     from .patches import PatchSettings

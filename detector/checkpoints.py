@@ -373,7 +373,7 @@ def _build_for(path: Path, state: dict[str, Tensor], metadata: dict, architectur
         )
     try:
         model = create_model(arch)
-    except ValueError as err:  # e.g. a probe checkpoint, which detector.inference.load_detector loads
+    except ValueError as err:  # e.g. a probe checkpoint, which detector.load loads
         raise CheckpointError(f"{path}: {err}") from None
     if arch.startswith("timm:"):
         # timm models live under .net in TimmClassifier; accept checkpoints saved from the bare timm model

@@ -13,31 +13,6 @@ from pathlib import Path
 
 import click
 
-from .resources import DEFAULT_WEIGHTS_NAME, ENV_VAR, default_weights_path
-
-# The default detector: the models this file (found like the weights, see detector.resources)
-# names, fused by its rule (see weights/MODEL_CARD.md).
-DEFAULT_MODEL_SET_NAME = "detector.json"
-
-
-def _default_weights() -> Path | None:
-    """The default weights, looked up now (order: see :mod:`detector.resources`), or None when absent."""
-    try:
-        return default_weights_path()
-    except ValueError as err:  # DETECTOR_WEIGHTS names nothing
-        raise click.ClickException(str(err)) from None
-
-
-def _default_model_set() -> Path | None:
-    """The default model-set file, unless DETECTOR_WEIGHTS names one checkpoint file (which then runs alone)."""
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env and Path(env).expanduser().is_file():
-        return None
-    try:
-        return default_weights_path(DEFAULT_MODEL_SET_NAME)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
-
 
 def _feature(value: str) -> str:
     """A CLIP probe feature name, checked (see detector.backbones.feature_blocks)."""
@@ -59,10 +34,11 @@ def _fail(message: str) -> None:
 def main() -> None:
     """Tell AI-generated images from real photographs.
 
-    Two detectors score every image by default: a linear probe on frozen CLIP features (Ojha et al.
-    2023; Cozzolino et al. 2024), which gives the verdict, and the no-downsample ResNet-50 of
-    Gragnaniello et al. (ICME 2021) and Corvi et al. (ICASSP 2023), which looks for pixel-level
-    generation traces and is reported beside it. Start with `detector scan FOLDER`.
+    The default verdict is a linear probe's on frozen CLIP features (Ojha et al. 2023; Cozzolino et
+    al. 2024). The no-downsample ResNet-50 of Gragnaniello et al. (ICME 2021) and Corvi et al.
+    (ICASSP 2023), which looks for pixel-level generation traces, ships beside it with no say in the
+    default verdict (weights/detector.json); `--members all` computes it too. Start with
+    `detector scan FOLDER`.
     """
 
 
@@ -87,72 +63,44 @@ def _share_cpus(workers: int, threads: int | None) -> tuple[int, int]:
     return n, w
 
 
-def _load_one(path: Path, architecture: str | None, device: str, precision: str, backend: str = "auto",
-              threads: int | None = None):
+def _load(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
+          fusion_models: str | None = None, backend: str = "auto", threads: int | None = None,
+          target_fpr: float | None = None, members: str = "voting"):
+    """The detector to run, as an :class:`~detector.ensemble.Ensemble` (see :func:`detector.hub.load`):
+    one --weights (a checkpoint, probe, export folder or model-set JSON), several fused with equal
+    say, or the default model set; with ``target_fpr``, the voting members' thresholds moved there."""
     from .backbones import BackboneError
     from .checkpoints import CheckpointError
-    from .inference import load_detector, tune_process
+    from .ensemble import Ensemble
+    from .hardware import tune_process
+    from .hub import is_model_set, load, load_detector
 
-    if not path.exists():
-        _fail(f"weights not found: {path}")
+    member_names = members if members in ("voting", "all") else tuple(n.strip() for n in members.split(",") if n.strip())
     try:
-        detector = load_detector(path, device=device, precision=precision, architecture=architecture, backend=backend,
-                                 threads=threads)
-    except (CheckpointError, BackboneError, ValueError) as err:
+        if len(weights) > 1:
+            if any(is_model_set(w) for w in weights):
+                _fail("a model-set file (.json) is a whole detector: give it alone to --weights")
+            missing = [w for w in weights if not Path(w).expanduser().exists()]
+            if missing:
+                _fail(f"weights not found: {missing[0]}")
+            models = [load_detector(Path(w).expanduser(), device=device, precision=precision, architecture=architecture,
+                                    backend=backend, threads=threads) for w in weights]
+            ensemble = Ensemble(models, [Path(w).stem for w in weights], fusion_models or "mean")
+            if target_fpr is not None:
+                ensemble.at_fpr(target_fpr)
+        else:
+            if members != "voting" and not (weights and is_model_set(weights[0])) and weights:
+                _fail("--members chooses among the members of a model set (.json)")
+            ensemble = load(weights[0] if weights else None, device=device, precision=precision, threads=threads,
+                            backend=backend, architecture=architecture, members=member_names, target_fpr=target_fpr)
+            if fusion_models:
+                ensemble.rule = fusion_models
+    except (CheckpointError, BackboneError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    tune_process(detector.device)  # the CLI owns its process; the library leaves process-wide settings alone
-    if detector.info.is_placeholder:
-        _warn(f"{path.name} is a placeholder checkpoint: its scores mean nothing yet.")
-    return detector
-
-
-def _load_models(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
-                 fusion_models: str | None = None, backend: str = "auto", threads: int | None = None,
-                 target_fpr: float | None = None):
-    """The detector(s) to run as an :class:`~detector.inference.Ensemble`: the given --weights
-    (several are fused, with equal say), else the default model set (its rule and weights); with
-    ``target_fpr``, every voting member's threshold moved to that false-positive rate."""
-    ensemble = _load_ensemble(weights, architecture, device, precision, fusion_models, backend, threads)
-    if target_fpr is not None:
-        from .checkpoints import CheckpointError
-
-        say = ensemble.weights or [1.0] * len(ensemble.members)
-        try:
-            for member, weight in zip(ensemble.members, say):
-                if weight > 0:
-                    member.info = member.info.at_fpr(target_fpr)
-        except (CheckpointError, AttributeError) as err:
-            _fail(str(err) if isinstance(err, CheckpointError) else "--target-fpr needs weights with a calibration")
-    return ensemble
-
-
-def _load_ensemble(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
-                   fusion_models: str | None, backend: str, threads: int | None):
-    from .checkpoints import CheckpointError
-    from .inference import Ensemble, load_ensemble, tune_process
-
-    if weights:
-        members = [_load_one(Path(w), architecture, device, precision, backend, threads) for w in weights]
-        return Ensemble(members, [Path(w).stem for w in weights], fusion_models or "mean")
-    if architecture:
-        _fail("--arch applies to a published checkpoint given with --weights")
-    model_set = _default_model_set()
-    if model_set is None:
-        path = _default_weights()
-        if path is None:
-            _fail(f"no default weights found ({DEFAULT_WEIGHTS_NAME} is neither in {ENV_VAR} nor installed with the "
-                  "package nor in this checkout's weights/); pass --weights")
-        return Ensemble([_load_one(path, None, device, precision, backend, threads)], [path.stem],
-                        fusion_models or "mean")
-    try:
-        ensemble = load_ensemble(model_set, device=device, precision=precision, warn=_warn, backend=backend,
-                                 threads=threads)
-    except (CheckpointError, ValueError) as err:
-        _fail(str(err))
-    for member in ensemble.members:
-        tune_process(member.device)
-    if fusion_models:
-        ensemble.rule = fusion_models
+    for name, member in zip(ensemble.names, ensemble.members):
+        tune_process(member.device)  # the CLI owns its process; the library leaves process-wide settings alone
+        if member.info is not None and member.info.is_placeholder:
+            _warn(f"{name} is a placeholder checkpoint: its scores mean nothing yet.")
     return ensemble
 
 
@@ -208,6 +156,14 @@ def _target_fpr_option(f):
              "(5% for the bundled detector).")(f)
 
 
+def _members_option(f):
+    """--members of scan and evaluate: which members of a model set are computed."""
+    return click.option(
+        "--members", default="voting", show_default=True, metavar="voting|all|NAME[,NAME]",
+        help="Members of the model set to compute: voting (those with a say in the verdict), all (also those of "
+             "weight 0, reported beside it, at their cost in time), or the voting ones plus the named ones.")(f)
+
+
 def _backend_option(f):
     """--backend of scan and evaluate: what runs the network (see detector.runtimes)."""
     return click.option(
@@ -250,9 +206,10 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--weights", multiple=True, type=click.Path(),
-              help="Checkpoint (safetensors, a published .pth, or a CLIP probe) or exported model folder; repeat it to "
-                   "fuse several. "
-                   "Default: the bundled model set (weights/detector.json: the CLIP probe decides, the ResNet-50 is reported).")
+              help="A checkpoint (safetensors, a published .pth, or a CLIP probe), an exported model folder, or a "
+                   "model-set file (.json); repeat it to fuse several checkpoints with equal say. Default: the bundled "
+                   "model set (weights/detector.json: the CLIP probe decides; its ResNet-50 member has weight 0 and is "
+                   "not computed unless --members asks for it).")
 @click.option("--fusion-models", type=click.Choice(["mean", "max", "soft-or"]), default=None,
               help="How several models' calibrated logits are fused (default: the model set's rule, else mean).")
 @click.option("--output", "-o", default="results.csv", show_default=True, type=click.Path(dir_okay=False),
@@ -266,9 +223,10 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @_patch_options
 @_backend_option
 @_target_fpr_option
+@_members_option
 def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report_path, quiet, mode, patch_size, num_patches, layout, seed, fusion,
          tile_size, tile_margin, device, precision, batch_size, workers, threads, max_pixels, architecture,
-         backend, target_fpr) -> None:
+         backend, target_fpr, members) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
     \b
@@ -284,7 +242,7 @@ def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report
 
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
     threads, workers = _share_cpus(workers, threads)
-    detector = _load_models(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr)
+    detector = _load(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr, members)
     try:
         options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
@@ -385,14 +343,50 @@ def models_cmd() -> None:
 @click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole metadata record as JSON.")
 def info_cmd(checkpoint, architecture, as_json) -> None:
-    """Check a checkpoint loads, and show what it says about itself (safely: no code runs).
+    """Check a checkpoint or a model set loads, and show what it says about itself (safely: no code runs).
+
+    A model-set file (.json) is shown member by member, with each one's say in the verdict.
 
     \b
-    Example:
+    Examples:
       detector info weights/resnet50nodown_dev.safetensors
+      detector info weights/detector.json
     """
     import json
 
+    from .hub import is_model_set, read_model_set
+
+    if not is_model_set(checkpoint):
+        info, lines = _describe_checkpoint(Path(checkpoint), architecture)
+        if as_json:
+            click.echo(json.dumps(info.metadata, indent=2, sort_keys=True, default=str))
+            return
+        for key, value in lines:
+            click.echo(f"{key:>15}: {value}")
+        return
+    if architecture:
+        _fail("--arch applies to a published checkpoint, not to a model set")
+    try:
+        entries, rule = read_model_set(checkpoint)
+    except ValueError as err:
+        _fail(str(err))
+    described = [(name, path, weight, *_describe_checkpoint(path, None)) for name, path, weight in entries]
+    if as_json:
+        click.echo(json.dumps({"model_set": str(checkpoint), "fusion": rule,
+                               "members": [{"name": n, "weights": str(p), "weight": w, "metadata": i.metadata}
+                                           for n, p, w, i, _ in described]}, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(f"{'model set':>15}: {checkpoint} ({len(entries)} member{'s' if len(entries) != 1 else ''}, "
+               f"fusion {rule} of calibrated logits)")
+    for name, path, weight, _, lines in described:
+        say = f"weight {weight:g}" + ("" if weight > 0 else ": no say in the verdict, not computed unless --members asks")
+        click.echo(f"\nmember {name} ({say})")
+        for key, value in lines:
+            click.echo(f"{key:>15}: {value}")
+
+
+def _describe_checkpoint(checkpoint: Path, architecture: str | None):
+    """A checkpoint's :class:`~detector.checkpoints.CheckpointInfo` and the lines `detector info` prints."""
     from .backbones import BackboneError
     from .checkpoints import CheckpointError, load_model, read_metadata
 
@@ -412,9 +406,6 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
             n_params, extra = sum(p.numel() for p in model.parameters()), []
     except (CheckpointError, BackboneError) as err:
         _fail(str(err))
-    if as_json:
-        click.echo(json.dumps(info.metadata, indent=2, sort_keys=True, default=str))
-        return
     meta = info.metadata
     size = f"{n_params / 1e6:.1f} M parameters" if n_params >= 1e5 else f"{n_params} parameters"
     lines = [
@@ -429,11 +420,10 @@ def info_cmd(checkpoint, architecture, as_json) -> None:
     if "val_auc" in meta:
         lines.append(("validation AUC", f"{meta['val_auc']:.4f}" + (f" at step {meta['step']}" if "step" in meta else "")))
     if "data" in meta:
-        lines.append(("trained on", f"{meta['data'].get('train')} ({meta['data'].get('n_train')} images)"))
+        lines.append(("trained on", f"{meta['data'].get('train') or meta['data'].get('pool')} ({meta['data'].get('n_train')} images)"))
     if "git_commit" in meta:
         lines.append(("code", str(meta.get("git_commit"))))
-    for key, value in lines:
-        click.echo(f"{key:>15}: {value}")
+    return info, lines
 
 
 @main.command("export")
@@ -521,13 +511,15 @@ def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, p
 
     if bool(data) == bool(from_evaluation):
         _fail("give either --data or --from-evaluation")
+    if Path(weights).suffix.lower() == ".json":
+        _fail(f"{weights} is a model set; calibrate one of its checkpoints")
     try:
         if from_evaluation:
             calibration = calibration_from_evaluation(from_evaluation, file_sha256(weights), target_far=target_far)
         else:
             settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
             threads, _ = _share_cpus(0, threads)  # calibration decodes in this process
-            detector = _load_one(Path(weights), architecture, device, precision, threads=threads)
+            detector = _load((weights,), architecture, device, precision, threads=threads).members[0]
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
             calibration = calibrate_detector(detector, table, settings, fusion=fusion, target_far=target_far,
                                              max_pixels=max_pixels, log=(lambda m: None) if quiet else
@@ -671,8 +663,9 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 @main.command()
 @click.argument("data", nargs=-1, required=True)
 @click.option("--weights", multiple=True, type=click.Path(),
-              help="Checkpoint or exported model folder to evaluate; repeat it to score several models in one pass. "
-                   "Default: the bundled weights.")
+              help="A checkpoint, exported model folder or model-set file (.json) to evaluate; repeat it to score "
+                   "several checkpoints in one pass (each gets its columns, and a fused one). Default: the bundled "
+                   "model set (weights/detector.json), its voting members.")
 @click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
               help="Where scores.csv, metrics.csv, auc.csv, acc.csv, breakdown.csv, metrics.json, roc.png, scores.png, "
                    "run.json (and robustness.csv) go; its cache/ makes a rerun continue where it stopped.")
@@ -697,9 +690,10 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
 @_patch_options
 @_backend_option
 @_target_fpr_option
+@_members_option
 def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, center_crop, perturb, wild, n_boot, quiet, mode,
              patch_size, num_patches, layout, seed, fusion, tile_size, tile_margin, device, precision, batch_size,
-             workers, threads, max_pixels, architecture, backend, target_fpr) -> None:
+             workers, threads, max_pixels, architecture, backend, target_fpr, members) -> None:
     """Benchmark metrics on labelled DATA, per generator, with bias guards and robustness sweeps.
 
     DATA: manifest CSVs (path,label[,generator][,family]), CNNDetection folders
@@ -744,7 +738,7 @@ def evaluate(data, weights, output_dir, labels, fusion_models, align_jpeg, cente
             table = pd.concat([read_labelled(d) for d in data], ignore_index=True)
             click.echo(f"read {class_counts(table)}", err=True)
             threads, workers = _share_cpus(workers, threads)
-            models = _load_models(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr)
+            models = _load(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr, members)
             options = dataclasses.replace(options, model_fusion=models.rule, workers=workers,
                                           model_weights=tuple(models.weights) if models.weights else None)
             result = run(table, models.members, output_dir, options, names=models.names, inputs=[str(d) for d in data])
@@ -831,7 +825,7 @@ def make_fakes(data, method, output_dir, tae_dir, simulator, tile_size, device, 
     from .checkpoints import CheckpointError
     from .datasets import read_labelled
     from .images import InputError
-    from .inference import resolve_device
+    from .hardware import resolve_device
     from .training.twins import DEFAULT_TAE_DIR, make_fakes as run, twin_maker
 
     if method == "tae" and simulator:

@@ -166,7 +166,7 @@ def calibration_patches(inputs: Sequence[str | os.PathLike], *, n: int, patch_si
 
 def _normalised(crops: Sequence[np.ndarray], config: ModelConfig) -> Iterator[np.ndarray]:
     """Each crop as the network's input ``(1, 3, h, w)`` float32, normalised as the scan does."""
-    from .inference import input_scale, normalise
+    from .hardware import input_scale, normalise
 
     mean, std = input_scale(config, torch.device("cpu"))
     for crop in crops:
@@ -387,9 +387,10 @@ def load_exported(path: str | os.PathLike, *, backend: str = "auto", precision: 
     ``backend`` ``auto`` picks OpenVINO when the folder holds an OpenVINO model of the precision
     (its int8 ran three times faster than onnxruntime's here, benchmarks/), else onnxruntime.
     ``precision`` ``auto`` is int8 when the folder holds an int8 model and the CPU has int8 dot
-    products (:func:`~detector.inference.cpu_has_int8_dot`), else fp32.
+    products (:func:`~detector.hardware.cpu_has_int8_dot`), else fp32.
     """
-    from .inference import Detector, cpu_has_int8_dot
+    from .hardware import cpu_has_int8_dot
+    from .inference import Detector
     from .runtimes import BackendError, open_exported_runtime
 
     export = read_export(path)

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     HEIF_SUPPORTED = False
 
 __all__ = [
+    "as_pixels",
     "DECODED_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
@@ -220,6 +221,17 @@ def read_jpeg_quality(path: str | os.PathLike) -> int | None:
             return jpeg_quality(img) if img.format in ("JPEG", "MPO") else None
     except (OSError, SyntaxError, ValueError):
         return None
+
+
+def as_pixels(image: "str | os.PathLike | np.ndarray | DecodedImage", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 pixels ``(H, W, 3)`` of a path (``~`` expanded; decoded by :func:`decode_image`), a
+    decoded image or an array, checked: what every detector's ``predict`` accepts."""
+    if isinstance(image, (str, os.PathLike)):
+        image = decode_image(Path(image).expanduser(), max_pixels=max_pixels)
+    pixels = image.pixels if isinstance(image, DecodedImage) else np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"pixels must be uint8 (H, W, 3), got {pixels.dtype} {pixels.shape}")
+    return pixels
 
 
 def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:

@@ -359,7 +359,7 @@ def create_model(name: str = "resnet50nodown") -> nn.Module:
     if not is_known_architecture(name):
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(list_models())}, or timm:NAME")
     if name.startswith("clip-probe:"):
-        raise ValueError(f"{name!r} is a probe on a frozen encoder: load it with detector.inference.load_detector "
+        raise ValueError(f"{name!r} is a probe on a frozen encoder: load it with detector.load "
                          f"or train it with `detector train --arch {name}`")
     if name.startswith("timm:"):
         model: nn.Module = TimmClassifier(name[len("timm:") :])

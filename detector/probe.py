@@ -26,8 +26,8 @@ from torch import nn
 
 from .backbones import Backbone, BackboneConfig, BackboneError, create_backbone
 from .checkpoints import CheckpointError, CheckpointInfo, file_sha256, read_state_dict
-from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
-from .inference import CalibratedVerdicts
+from .images import DEFAULT_MAX_PIXELS, DecodedImage, as_pixels
+from .calibration import CalibratedVerdicts, Verdict
 from .patches import VIEW_MODES, PatchSettings, encoder_views
 
 __all__ = ["PROBE_PREFIX", "LinearProbe", "ProbeConfig", "ProbeDetector", "find_encoder"]
@@ -172,13 +172,11 @@ class ProbeDetector(CalibratedVerdicts):
         return logit, np.full((1, 1), logit), len(views)
 
     def predict(self, image: str | os.PathLike | np.ndarray | DecodedImage, *,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[float, float, str]:
-        """``(logit, probability, label)`` of one image (a path, decoded image or uint8 pixels)."""
-        if isinstance(image, (str, os.PathLike)):
-            image = decode_image(image, max_pixels=max_pixels)
-        pixels = image.pixels if isinstance(image, DecodedImage) else np.asarray(image)
-        logit = self.score_pixels(pixels)[0]
-        return logit, self.probability(logit), self.label(logit)
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Verdict:
+        """The verdict of one image (a path, decoded image or uint8 pixels)."""
+        pixels = as_pixels(image, max_pixels)
+        logit, _, n = self.score_pixels(pixels)
+        return self.verdict(logit, n_patches=n, width=pixels.shape[1], height=pixels.shape[0])
 
     def describe(self) -> dict:
         """What produced a result: recorded next to the scores (and in evaluation cache keys)."""

@@ -60,7 +60,7 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def logit_maps(self, x: Tensor) -> np.ndarray:
-        from .inference import autocast
+        from .hardware import autocast
 
         with autocast(self.device, self.precision):
             maps = self.model.logit_map(x)

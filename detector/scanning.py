@@ -13,7 +13,6 @@ parts into the output once every part is complete (:func:`merge_shards`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -24,15 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
 from filelock import FileLock, Timeout
 
+from .ensemble import Ensemble
+from .fusion import FUSION_RULES
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
-from .metrics import sigmoid
-from .fusion import FUSION_RULES, combine_crops
-from .inference import Detector, Ensemble
-from .patches import PatchSettings, encoder_views, relevant_settings
+from .patches import PatchSettings, relevant_settings
+from .scoring import Preparation, Scored, score_stream
 from .workers import in_workers
 from .results import (
     ImageResult,
@@ -44,9 +41,7 @@ from .results import (
     write_run_record,
 )
 
-__all__ = ["ScanOptions", "ScanSummary", "as_ensemble", "scan", "scan_paths", "uncalibrated_members"]
-
-_THUMBNAIL = 1024
+__all__ = ["ScanOptions", "ScanSummary", "scan", "scan_paths", "uncalibrated_members"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +74,7 @@ class ScanSummary:
     n_errors: int = 0
     seconds: float = 0.0
     uncalibrated: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each, printed after the summary
     # seconds from the scan's start to its first decoded image and to its first row (where a short
     # scan's time goes, see benchmarks/startup.py)
     first_decoded: float | None = None
@@ -91,6 +87,8 @@ class ScanSummary:
         if self.uncalibrated:
             text += (f"\nNOTE: probabilities are uncalibrated for these settings ({', '.join(self.uncalibrated)} "
                      f"calibrated with others; see the .json record): rank by them, do not read them as chances")
+        for note in self.notes:
+            text += f"\nNOTE: {note}"
         return text
 
 
@@ -111,49 +109,24 @@ def uncalibrated_members(ensemble: Ensemble, patches: dict | None, fusion: str) 
 
 
 class _Decoder:
-    """Decodes an image and cuts its crops and the probes' views (called in a worker with its index).
+    """Decodes an image and prepares it for the model set (called in a worker with its index)."""
 
-    ``settings`` is None when no convolutional model scores crops; ``view_specs`` holds one
-    ``(size, n, mode)`` per probe (see :func:`detector.patches.encoder_views`).
-    """
-
-    def __init__(self, paths: Sequence[Path], settings: PatchSettings | None, max_pixels: int, align: int,
-                 thumbnails: bool, view_specs: Sequence[tuple[int, int, str]] = ()):
-        self.paths, self.settings, self.max_pixels = list(paths), settings, max_pixels
-        self.align, self.thumbnails, self.view_specs = align, thumbnails, list(view_specs)
+    def __init__(self, paths: Sequence[Path], prepare: Preparation, max_pixels: int):
+        self.paths, self.prepare, self.max_pixels = list(paths), prepare, max_pixels
 
     def __call__(self, index: int) -> dict:
         t0 = time.perf_counter()
-        item = {"index": index, "path": self.paths[index], "error": "", "crops": [], "plan": [], "views": [],
-                "width": None, "height": None, "format": "", "thumbnail": None}
+        item = {"index": index, "path": self.paths[index], "error": "", "width": None, "height": None, "format": ""}
         try:
             img = decode_image(self.paths[index], max_pixels=self.max_pixels)
-            item.update(width=img.width, height=img.height, format=img.format)
-            plan = self.settings.plan(img.height, img.width, align=self.align) if self.settings else []
-            item["plan"] = plan
-            # As tensors: a worker hands them over in shared memory, not through the main process's
-            # heap, where megapixel crops would fragment the memory that the network keeps reusing.
-            # np.array copies: the decoded pixels are read-only, and torch wants memory it may write.
-            item["crops"] = [torch.from_numpy(np.array(c.cut(img.pixels), order="C")) for c in plan]
-            item["views"] = [torch.from_numpy(encoder_views(img.pixels, size=size, n=n, mode=mode))
-                             for size, n, mode in self.view_specs]
-            if self.thumbnails:
-                step = max(1, int(np.ceil(max(img.height, img.width) / _THUMBNAIL)))
-                item["thumbnail"] = np.ascontiguousarray(img.pixels[::step, ::step])
+            item.update(format=img.format)
+            item.update(self.prepare(img.pixels))
         except ImageError as err:
             item["error"] = str(err)
         except Exception as err:  # noqa: BLE001 - any failure on one file must not stop the scan
             item["error"] = f"unexpected {type(err).__name__}: {err}"
         item["seconds"] = time.perf_counter() - t0
         return item
-
-
-@dataclass
-class _Pending:
-    item: dict
-    maps: list
-    remaining: int
-    seconds: float
 
 
 def _shard_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -170,40 +143,24 @@ def shard_path(output: Path, rank: int, world_size: int) -> Path:
     return output if world_size == 1 else output.with_name(f"{output.name}.rank{rank}of{world_size}")
 
 
-def as_ensemble(models: "Detector | Ensemble | object") -> Ensemble:
-    """Any detector, probe or ensemble as an :class:`Ensemble` (one member: its own verdicts)."""
+def _as_ensemble(models: "Ensemble | object") -> Ensemble:
+    """Any detector or probe as a set of one (its own verdicts); an ensemble as it is."""
     if isinstance(models, Ensemble):
         return models
     name = Path(models.info.path).stem if getattr(models, "info", None) else "model"
     return Ensemble([models], [name])
 
 
-def _describe(ensemble: Ensemble) -> dict:
-    """The run record's ``detector`` entry: the model itself, or the ensemble with its members.
-
-    An ensemble's ``logit`` column is the fused calibrated logit, so its threshold is 0 and its
-    temperature 1; ``weights_sha256`` then digests the members' hashes and the rule.
-    """
-    if len(ensemble.members) == 1:
-        return ensemble.members[0].describe()
-    described = ensemble.describe()
-    digest = hashlib.sha256(json.dumps([[m.get("weights_sha256") for m in described["members"].values()],
-                                        ensemble.rule]).encode()).hexdigest()
-    return {**described, "weights": "ensemble", "weights_sha256": digest, "architecture": "ensemble",
-            "precision": "+".join(m.precision for m in ensemble.members), "threshold": 0.0, "temperature": 1.0,
-            "device": str(ensemble.device)}
-
-
 def scan_paths(
     paths: Sequence[Path],
-    detector: "Detector | Ensemble",
+    detector: "Ensemble",
     output: str | os.PathLike,
     options: ScanOptions = ScanOptions(),
     *,
     record: dict | None = None,
 ) -> ScanSummary:
     """Score ``paths`` into the CSV ``output`` (one rank's share when sharded)."""
-    ensemble = as_ensemble(detector)
+    ensemble = _as_ensemble(detector)
     conv = ensemble.conv
     output = Path(output)
     start = time.perf_counter()
@@ -218,7 +175,7 @@ def scan_paths(
         summary.uncalibrated = uncalibrated_members(ensemble, patches, options.fusion)
         settings_record = {
             **(record or {}),
-            "detector": _describe(ensemble),
+            "detector": ensemble.describe(),
             "patches": patches,
             "fusion": options.fusion,
             "max_pixels": options.max_pixels,
@@ -231,7 +188,8 @@ def scan_paths(
                 raise FileExistsError(f"{output} exists; pass --resume to continue it or choose another --output")
             previous = read_run_record(output)
             if previous and _scoring_settings(previous) != _scoring_settings(settings_record):
-                raise ValueError(f"{output} was made with other weights or settings; resume needs the same ones")
+                raise ValueError(f"{output} was made with other weights, model set or settings (see {output.with_suffix('.json').name}); "
+                                 f"resume needs the same ones, or choose another output")
             done = Counter(row["path"] for row in repair_and_read(output))
         # Counted, not a set: two names can display alike (b"a\xff" and the text "a\\xff"). Rows are
         # written in input order, so the first ones with a displayed path are the ones done.
@@ -247,6 +205,12 @@ def scan_paths(
         if heat_dir:
             heat_dir.mkdir(parents=True, exist_ok=True)
         names = ensemble.names if len(ensemble.members) > 1 else []
+        if heat_dir and ensemble.conv is None:
+            summary.notes.append("no heatmaps: no model of this set draws a logit map (the CLIP probe scores whole "
+                                 "views); add a convolutional member with --weights to get them")
+        elif heat_dir and not any(m is ensemble.conv for m, w in zip(ensemble.members, ensemble.weights) if w > 0):
+            summary.notes.append("no heatmaps: the convolutional member does not vote in this set, and a map of a "
+                                 "model that does not decide would mislead")
         with ResultWriter(output, names) as writer:
             _run(todo, ensemble, options, writer, summary, heat_dir, start)
     finally:
@@ -262,127 +226,56 @@ def scan_paths(
 
 
 def _scoring_settings(record: dict) -> tuple:
-    """What must not change between a scan and its resume: weights, architecture, precision, and the
+    """What must not change between a scan and its resume: the model set (its members' weights,
+    say and calibration, digested in ``weights_sha256``), architecture, precision, threshold, and the
     cuts and patch fusion where they apply (patch options mean nothing in full mode, tile options
     nothing in patches mode)."""
     d = record.get("detector", {})
     patches = relevant_settings(record.get("patches") or {})
     fusion = record.get("fusion") if patches["mode"] == "patches" else None
-    return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"), json.dumps(patches, sort_keys=True),
-            fusion)
+    return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"), d.get("threshold"),
+            d.get("temperature"), json.dumps(patches, sort_keys=True), fusion)
 
 
 def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir,
          start: float) -> None:
     from tqdm import tqdm
 
-    detector = ensemble.conv
-    settings = detector.resolve_settings(options.patches) if detector else None
-    probes = [m for m in ensemble.members if m is not detector]
-    view_specs = [(p.backbone.config.input_size, p.config.views, p.config.view_mode) for p in probes]
-    decoder = _Decoder(todo, settings, options.max_pixels, align=8,
-                       thumbnails=heat_dir is not None and detector is not None, view_specs=view_specs)
-    loader = in_workers(decoder, range(len(todo)), options.workers, prefetch=4,
+    drawn = heat_dir is not None and not summary.notes
+    prepare = ensemble.transforms(options.patches, thumbnail=drawn)
+    loader = in_workers(_Decoder(todo, prepare, options.max_pixels), range(len(todo)), options.workers, prefetch=4,
                         pin_memory=ensemble.device.type == "cuda")
-    pending: dict[int, _Pending] = {}
-    queues: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
-    next_index = 0
-    max_pending = max(8, 4 * options.batch_size)
+
+    def timed(items):
+        for item in items:
+            if summary.first_decoded is None:
+                summary.first_decoded = time.perf_counter() - start
+            yield item
+
     bar = tqdm(total=len(todo), disable=not options.progress, file=sys.stderr, unit="img", dynamic_ncols=True)
-
-    def run_batch(shape: tuple[int, int], entries: list[tuple[int, int, torch.Tensor]]) -> None:
-        t0 = time.perf_counter()
-        batch = torch.stack([e[2] for e in entries]).permute(0, 3, 1, 2)
-        maps = detector.crop_maps(batch)
-        share = (time.perf_counter() - t0) / len(entries)
-        for (index, k, _), m in zip(entries, maps):
-            p = pending[index]
-            p.maps[k] = m
-            p.remaining -= 1
-            p.seconds += share
-
-    def flush(all_shapes: bool, stale: frozenset = frozenset()) -> None:
-        """Run every full batch; also the partial ones of ``stale`` shapes (or of all shapes)."""
-        for shape in list(queues):
-            q = queues[shape]
-            size = detector.batch_limit(shape, options.batch_size)
-            while len(q) >= size or ((all_shapes or shape in stale) and q):
-                chunk, queues[shape] = q[:size], q[size:]
-                q = queues[shape]
-                run_batch(shape, chunk)
-            if not q:
-                del queues[shape]
-
-    def emit() -> None:
-        nonlocal next_index
-        while next_index in pending and pending[next_index].remaining == 0:
-            p = pending.pop(next_index)
-            writer.write(_finish(p, ensemble, options, summary, heat_dir))
-            if summary.first_row is None:
-                summary.first_row = time.perf_counter() - start
-            bar.update(1)
-            next_index += 1
-
-    for item in loader:
-        if summary.first_decoded is None:
-            summary.first_decoded = time.perf_counter() - start
-        index = item["index"]
-        pending[index] = _Pending(item, [None] * len(item["crops"]), len(item["crops"]), item["seconds"])
-        shapes = frozenset(tuple(crop.shape[:2]) for crop in item["crops"])
-        for k, crop in enumerate(item["crops"]):
-            queues.setdefault(tuple(crop.shape[:2]), []).append((index, k, crop))
-        item["crops"] = None  # the queue holds them now
-        # A shape that this image does not continue will not fill its batch soon: score it now,
-        # so that rows (written in input order) and the progress bar advance as images finish
-        # instead of waiting for the end of the scan behind a lone small image.
-        if detector is not None:
-            flush(all_shapes=len(pending) >= max_pending, stale=frozenset(queues) - shapes if shapes else frozenset())
-        emit()
-    if detector is not None:
-        flush(all_shapes=True)
-    emit()
+    for scored in score_stream(ensemble, timed(loader), batch_size=options.batch_size, mode=options.patches.mode,
+                               fusion=options.fusion):
+        writer.write(_row(scored, ensemble, summary, heat_dir if drawn else None))
+        if summary.first_row is None:
+            summary.first_row = time.perf_counter() - start
+        bar.update(1)
     bar.close()
 
 
-def _finish(p: _Pending, ensemble: Ensemble, options: ScanOptions, summary: ScanSummary, heat_dir) -> ImageResult:
-    item = p.item
-    detector = ensemble.conv
-    n_scored = len(item["plan"]) if detector else sum(len(v) for v in item["views"])
+def _row(scored: Scored, ensemble: Ensemble, summary: ScanSummary, heat_dir) -> ImageResult:
+    item, verdict = scored.item, scored.verdict
     result = ImageResult(path=display_path(item["path"]), width=item["width"], height=item["height"],
-                         format=item["format"], n_patches=n_scored, seconds=p.seconds, error=item["error"])
-    if item["error"]:
+                         format=item["format"], seconds=scored.seconds, error=scored.error)
+    if verdict is None:
         summary.n_errors += 1
         return result
-    try:
-        t0 = time.perf_counter()
-        views = iter(item["views"])
-        logits = []
-        for member in ensemble.members:
-            if member is detector:
-                logit, canvas = combine_crops(item["plan"], p.maps, mode=options.patches.mode, rule=options.fusion,
-                                              stride=detector.stride, height=item["height"], width=item["width"])
-                if heat_dir is not None and item["thumbnail"] is not None:
-                    write_heatmap(heat_dir, item["path"], item["thumbnail"], canvas)
-            else:
-                logit = member.score_views(next(views).numpy())
-            logits.append(logit)
-        result.seconds += time.perf_counter() - t0
-        if len(logits) == 1:
-            member = ensemble.members[0]
-            result.logit, result.probability, result.label = logits[0], member.probability(logits[0]), member.label(logits[0])
-        else:
-            margin = ensemble.fused_margin(logits)
-            result.logit, result.probability = margin, float(sigmoid(margin))
-            result.label = "fake" if result.probability >= 0.5 else "real"
-            result.models = {n: (z, m.probability(z)) for n, m, z in zip(ensemble.names, ensemble.members, logits)}
-    except Exception as err:  # noqa: BLE001 - one image's failure must not stop the scan
-        result.error = f"unexpected {type(err).__name__}: {err}"
-        result.logit = result.probability = None
-        result.label = ""
-        result.models = {}
-        summary.n_errors += 1
-        return result
-    if result.label == "fake":
+    result.n_patches = verdict.n_patches
+    result.logit, result.probability, result.label = verdict.logit, verdict.probability, verdict.label
+    if len(ensemble.members) > 1:
+        result.models = {n: (v.logit, v.probability) for n, v in verdict.members.items()}
+    if heat_dir is not None and verdict.logit_map is not None and item.get("thumbnail") is not None:
+        write_heatmap(heat_dir, item["path"], item["thumbnail"], verdict.logit_map)
+    if verdict.label == "fake":
         summary.n_fake += 1
     else:
         summary.n_real += 1
@@ -391,7 +284,7 @@ def _finish(p: _Pending, ensemble: Ensemble, options: ScanOptions, summary: Scan
 
 def scan(
     inputs: Sequence[str | os.PathLike],
-    detector: "Detector | Ensemble",
+    detector: "Ensemble",
     output: str | os.PathLike = "results.csv",
     options: ScanOptions = ScanOptions(),
     *,

@@ -18,7 +18,8 @@ from PIL import Image
 from detector.checkpoints import CheckpointError, file_sha256, save_checkpoint
 from detector.cli import main
 from detector.export import ExportError, ExportOptions, export_model, load_exported, read_export
-from detector.inference import Detector, load_detector
+from detector.hub import load_detector
+from detector.inference import Detector
 from detector.patches import PatchSettings
 from detector.runtimes import BackendError
 from tests.conftest import DEV, FIXTURE, ROOT, noise_image, seeded_model
@@ -289,7 +290,7 @@ def test_shipped_int8_keeps_the_ranking_on_the_fixture(fixture_dir):
 
 @needs_openvino
 def test_precision_auto_runs_the_shipped_int8_where_the_cpu_has_int8_dot(monkeypatch, tmp_path, calibrated_checkpoint):
-    import detector.inference as inference
+    import detector.hub as inference
 
     monkeypatch.setattr(inference, "cpu_has_int8_dot", lambda: True)
     det = load_detector(BUNDLED, device="cpu")
@@ -312,7 +313,7 @@ def test_precision_auto_runs_the_shipped_int8_where_the_cpu_has_int8_dot(monkeyp
 
 @needs_openvino
 def test_scan_defaults_with_int8_keep_logit_maps_and_heatmaps(monkeypatch, tmp_path):
-    import detector.inference as inference
+    import detector.hub as inference
 
     monkeypatch.setattr(inference, "cpu_has_int8_dot", lambda: True)
     folder = tmp_path / "in"

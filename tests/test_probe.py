@@ -16,7 +16,8 @@ from detector.checkpoints import save_checkpoint
 from detector.cli import main
 from detector.datasets import read_labelled
 from detector.fusion import fuse_margins
-from detector.inference import Ensemble, load_detector, load_ensemble
+from detector.ensemble import Ensemble
+from detector.hub import load_detector, load_ensemble
 from detector.patches import encoder_views
 from detector.probe import ProbeDetector
 from detector.training.probe import ProbeTrainConfig, train_probe
@@ -135,9 +136,9 @@ def test_probe_trained_on_the_fixture_reloads_with_identical_scores(trained_prob
     assert record["data"]["n_train"] == len(table) and record["calibration"]["rule"] == "platt"
     logits = []
     for p in table["path"][:6]:
-        la, pa, lab = a.predict(p)
-        lb, pb, _ = b.predict(p)
-        assert la == lb and pa == pb
+        va, vb = a.predict(p), b.predict(p)
+        la, pa, lab = va.logit, va.probability, va.label
+        assert la == vb.logit and pa == vb.probability
         assert (lab == "fake") == (pa >= 0.5)
         logits.append(la)
     assert len(set(np.round(logits, 6))) > 1
@@ -155,7 +156,7 @@ def test_probe_with_another_encoder_or_none_is_refused(trained_probe, tmp_path):
         ProbeDetector.from_checkpoint(moved, device="cpu")
 
 
-def test_default_set_fuses_both_models_and_a_missing_encoder_is_said_once(trained_probe, tmp_path, fixture_dir,
+def test_default_set_fuses_both_models_and_a_missing_encoder_is_refused(trained_probe, tmp_path, fixture_dir,
                                                                           monkeypatch):
     path, _, table = trained_probe
     weights = tmp_path / "weights"
@@ -188,17 +189,17 @@ def test_default_set_fuses_both_models_and_a_missing_encoder_is_said_once(traine
                            ensemble.members[1].info.margin(row["logit_clip"])], weights=[1.0, 3.0])
     assert row["logit"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
-    # without the encoder: one message, and the ResNet alone scores
+    # without the encoder: refused with one message naming the member and the file, nothing written
+    # (the set never silently becomes the ResNet alone)
     import detector.probe as probe_module
 
     monkeypatch.setattr(probe_module, "find_encoder", _missing_encoder)
     out2 = tmp_path / "alone.csv"
     done = runner.invoke(main, ["scan", str(images), "-o", str(out2), "-q", "--workers", "0", "--patch-size", "64",
                                 "--num-patches", "1", "--device", "cpu"])
-    assert done.exit_code == 0, done.output
-    assert done.output.count("encoder") == 1 and "without the clip model" in done.output
-    df2 = pd.read_csv(out2, keep_default_na=False)
-    assert "logit_clip" not in df2.columns and len(df2) == 4
+    assert done.exit_code != 0
+    assert "member 'clip' cannot be loaded" in done.output and "clip_vitb16.int8.onnx" in done.output
+    assert not out2.exists()
 
 
 def _missing_encoder(name, fingerprint, checkpoint):
@@ -220,7 +221,7 @@ def test_evaluate_scores_the_probe_beside_the_resnet_and_fuses_them(trained_prob
     assert {"logit_resnet", "logit_probe", "logit_fused"} <= set(scores.columns)
     direct = ProbeDetector.from_checkpoint(path, device="cpu")
     row = scores.iloc[0]
-    assert row["logit_probe"] == pytest.approx(direct.predict(row["path"])[0], abs=1e-5)
+    assert row["logit_probe"] == pytest.approx(direct.predict(row["path"]).logit, abs=1e-5)
     margins = np.array([[(row["logit_resnet"] - 0.1) / 2.0, direct.info.margin(row["logit_probe"])]])
     assert row["logit_fused"] == pytest.approx(fuse_margins(margins, "soft-or")[0], abs=1e-5)
     metrics = pd.read_csv(out / "metrics.csv")

@@ -1,7 +1,8 @@
 """Per-image work of an evaluation: inspect every file, then score every (image, condition) with every model.
 
-Inspection and decoding run in DataLoader workers (:func:`detector.workers.in_workers`); a score
-already in the cache is not computed again, and an image is decoded only if some model still needs it.
+Inspection, decoding and cutting run in DataLoader workers (:func:`detector.workers.in_workers`);
+scoring is the scan's own path (:func:`detector.scoring.score_stream`). A score already in the cache
+is not computed again, and an image is decoded only if some model still needs it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
+from ..ensemble import Ensemble
 from ..images import ImageError, decode_image, jpeg_quality, open_image
 from ..inference import Detector
+from ..scoring import Preparation, score_stream
 from ..workers import in_workers
 from .cache import ScoreCache, settings_key
 from .conditions import CLEAN, EvalOptions, Perturbation, condition_rng, preprocess
@@ -53,20 +55,20 @@ def inspect_file(path: str | os.PathLike) -> dict:
     return out
 
 
-def _load_variant(job: tuple, options: EvalOptions) -> dict:
-    """Decode, preprocess and perturb one (image, condition) job; ``pixels`` is a tensor (shared memory)."""
+def _load_variant(job: tuple, options: EvalOptions, prepare: Preparation) -> dict:
+    """Decode, preprocess, perturb and prepare one (image, condition) job for the models."""
     path, sha256, perturbation = job[1:4]
     try:
         pixels = decode_image(path, max_pixels=options.max_pixels).pixels
         pixels = preprocess(pixels, center_crop=options.center_crop, align_jpeg=options.align_jpeg)
         if perturbation is not None:
             pixels = perturbation.apply(pixels, condition_rng(options.seed, sha256, perturbation.name))
-        return {"job": job, "pixels": torch.from_numpy(np.array(pixels, dtype=np.uint8)), "error": ""}
+        return {"job": job, **prepare(np.asarray(pixels, dtype=np.uint8)), "error": ""}
     except ImageError as err:
         error = str(err)
     except Exception as err:  # noqa: BLE001 - one file's failure must not stop the evaluation
         error = f"unexpected {type(err).__name__}: {err}"
-    return {"job": job, "pixels": None, "error": error}
+    return {"job": job, "error": error}
 
 
 def inspect_all(table: pd.DataFrame, workers: int) -> pd.DataFrame:
@@ -75,11 +77,25 @@ def inspect_all(table: pd.DataFrame, workers: int) -> pd.DataFrame:
     return pd.concat([table.reset_index(drop=True), meta], axis=1)
 
 
+def _sets(detectors: Sequence) -> list[list[int]]:
+    """The detectors' indices in sets that :func:`detector.scoring.score_stream` can score in one pass:
+    at most one convolutional model per set (the probes ride along with the first)."""
+    convs = [i for i, d in enumerate(detectors) if isinstance(d, Detector)]
+    probes = [i for i in range(len(detectors)) if i not in convs]
+    sets = [[c] for c in convs] or [[]]
+    sets[0] = sorted(sets[0] + probes)
+    return sets
+
+
 def score_all(
-    table: pd.DataFrame, detectors: Sequence[Detector], models: Sequence[ModelSpec], options: EvalOptions,
+    table: pd.DataFrame, detectors: Sequence, models: Sequence[ModelSpec], options: EvalOptions,
     cache: ScoreCache,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Per condition, the table with one logit column per model; and counts of work done."""
+    """Per condition, the table with one logit column per model; and counts of work done.
+
+    The models are scored together, as one set, through the scan's path; each one's raw logit is
+    cached under its own settings key.
+    """
     from tqdm import tqdm
 
     conditions = options.conditions
@@ -98,27 +114,29 @@ def score_all(
                 jobs.append((i, row.path, row.sha256, c, needed))
     errors: dict[tuple[str, Perturbation | None], str] = {}
     n_scored = 0
-    bar = tqdm(total=len(jobs), disable=not options.progress, file=sys.stderr, unit="img", dynamic_ncols=True)
+    bar = tqdm(total=len(jobs) * len(_sets(detectors)), disable=not options.progress, file=sys.stderr, unit="img",
+               dynamic_ncols=True)
     try:
-        for item in in_workers(partial(_load_variant, options=options), jobs, options.workers):
-            _, _, sha256, c, needed = item["job"]
-            bar.update(1)
-            if item["error"]:
-                errors[(sha256, c)] = item["error"]
-                continue
-            pixels = item["pixels"].numpy()
-            for m in needed:
-                if cache.get(sha256, keys[(m, c)]) is not None:  # an identical model scored it in this run
-                    n_reused += 1
+        for members in _sets(detectors):
+            together = Ensemble([detectors[m] for m in members], [models[m].name for m in members])
+            mine = [j for j in jobs if set(j[4]) & set(members)]
+            bar.update(len(jobs) - len(mine))
+            items = in_workers(partial(_load_variant, options=options, prepare=together.transforms(options.patches)),
+                               mine, options.workers)
+            for scored in score_stream(together, items, batch_size=options.batch_size, mode=options.patches.mode,
+                                       fusion=options.fusion):
+                _, _, sha256, c, needed = scored.item["job"]
+                bar.update(1)
+                if scored.verdict is None:
+                    errors.setdefault((sha256, c), scored.error)
                     continue
-                try:
-                    logit, _, _ = detectors[m].score_pixels(pixels, options.patches, fusion=options.fusion,
-                                                            batch_size=options.batch_size)
-                except Exception as err:  # noqa: BLE001 - one image's failure must not stop the evaluation
-                    errors[(sha256, c)] = f"unexpected {type(err).__name__}: {err}"
-                    break
-                cache.put(sha256, keys[(m, c)], logit)
-                n_scored += 1
+                own = scored.verdict.members or {together.names[0]: scored.verdict}
+                for m in set(needed) & set(members):
+                    if cache.get(sha256, keys[(m, c)]) is not None:  # an identical model scored it in this run
+                        n_reused += 1
+                        continue
+                    cache.put(sha256, keys[(m, c)], own[models[m].name].logit)
+                    n_scored += 1
     finally:
         bar.close()
         cache.compact()

@@ -154,24 +154,37 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray, *, target_far: float
 def calibrate_detector(detector, table, settings, *, fusion: str = "mean", target_far: float | None = None,
                        max_pixels: int = 1 << 28, log=print) -> Calibration:
     """Score the labelled images of ``table`` exactly as ``scan`` would with ``settings`` and ``fusion``
-    (images as stored, no JPEG alignment) and fit the calibration on those scores."""
+    (images as stored, no JPEG alignment; through :func:`detector.scoring.score_stream`) and fit the
+    calibration on those scores."""
     from dataclasses import asdict
 
+    from ..ensemble import Ensemble
     from ..images import ImageError, decode_image
+    from ..scoring import score_stream
+
+    one = Ensemble([detector], ["model"])
+    prepare = one.transforms(settings)
+
+    def items():
+        for i, row in enumerate(table.itertuples(index=False)):
+            try:
+                pixels = decode_image(row.path, max_pixels=max_pixels).pixels
+            except ImageError as err:
+                log(f"skipped {row.path}: {err}")
+                continue
+            if (i + 1) % 25 == 0:
+                log(f"scored {i + 1}/{len(table)}")
+            yield {**prepare(pixels), "label": int(row.label), "path": row.path}
 
     labels, logits = [], []
-    for i, row in enumerate(table.itertuples(index=False)):
-        try:
-            pixels = decode_image(row.path, max_pixels=max_pixels).pixels
-        except ImageError as err:
-            log(f"skipped {row.path}: {err}")
+    for scored in score_stream(one, items(), mode=settings.mode, fusion=fusion):
+        if scored.verdict is None:
+            log(f"skipped {scored.item['path']}: {scored.error}")
             continue
-        logits.append(detector.score_pixels(pixels, settings, fusion=fusion)[0])
-        labels.append(int(row.label))
-        if (i + 1) % 25 == 0:
-            log(f"scored {i + 1}/{len(table)}")
-    resolved = detector.resolve_settings(settings) if hasattr(detector, "resolve_settings") else settings
-    record = {"patches": asdict(resolved), "fusion": fusion} if hasattr(detector, "resolve_settings") else {}
+        labels.append(scored.item["label"])
+        logits.append(scored.verdict.logit)
+    conv = one.conv
+    record = {"patches": asdict(conv.resolve_settings(settings)), "fusion": fusion} if conv else {}
     return fit_calibration(np.array(labels), np.array(logits), target_far=target_far, settings=record)
 
 

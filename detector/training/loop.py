@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoints import atomic_write, file_sha256, load_backbone, save_checkpoint
-from ..inference import Detector, autocast, input_scale, normalise, resolve_device
+from ..hardware import autocast, input_scale, normalise, resolve_device
+from ..inference import Detector
 from ..metrics import auc, logloss, sigmoid
 from ..models import create_model
 from ..results import software_versions
