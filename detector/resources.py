@@ -7,7 +7,9 @@ Where the default weights are looked for, first hit wins:
    weights, or a folder holding files named like the defaults;
 3. the package's own copy, ``detector/weights/`` (package data of the wheel; in the source tree its
    files are links into the checkout's ``weights/``);
-4. the checkout's ``weights/`` folder beside ``detector/``, when the package runs from a source tree.
+4. the checkout's ``weights/`` folder beside ``detector/``, when the package runs from a source tree;
+5. the user's download folder (:func:`user_weights_dir`), where ``detector download`` puts the CLIP
+   encoder that the wheel does not carry.
 
 A ``DETECTOR_WEIGHTS`` that names nothing is an error, not a silent fall-back to the bundled
 weights: a user who set it expects those weights to score.
@@ -24,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 __all__ = ["DEFAULT_WEIGHTS_NAME", "ENV_VAR", "MissingExtraError", "default_weights_path", "model_card_summary",
-           "require", "weights_dirs"]
+           "require", "user_weights_dir", "weights_dirs"]
 
 DEFAULT_WEIGHTS_NAME = "resnet50nodown_dev.safetensors"
 ENV_VAR = "DETECTOR_WEIGHTS"
@@ -43,6 +45,12 @@ def _env_path() -> Path | None:
     return path
 
 
+def user_weights_dir() -> Path:
+    """Where ``detector download`` writes: ``$XDG_CACHE_HOME/detector`` (default ``~/.cache/detector``)."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "detector"
+
+
 def weights_dirs() -> list[Path]:
     """The folders searched for default weights, in order (see the module docstring).
 
@@ -56,6 +64,7 @@ def weights_dirs() -> list[Path]:
     checkout = _PACKAGE.parent
     if (checkout / "pyproject.toml").is_file():  # a source tree, not site-packages
         dirs.append(checkout / "weights")
+    dirs.append(user_weights_dir())
     unique: list[Path] = []
     for d in dirs:
         if d.is_dir() and d not in unique:

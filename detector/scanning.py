@@ -35,6 +35,7 @@ from .results import (
     ImageResult,
     ResultWriter,
     display_path,
+    run_record_path,
     read_run_record,
     repair_and_read,
     write_heatmap,
@@ -188,7 +189,7 @@ def scan_paths(
                 raise FileExistsError(f"{output} exists; pass --resume to continue it or choose another --output")
             previous = read_run_record(output)
             if previous and _scoring_settings(previous) != _scoring_settings(settings_record):
-                raise ValueError(f"{output} was made with other weights, model set or settings (see {output.with_suffix('.json').name}); "
+                raise ValueError(f"{output} was made with other weights, model set or settings (see {run_record_path(output).name}); "
                                  f"resume needs the same ones, or choose another output")
             done = Counter(row["path"] for row in repair_and_read(output))
         # Counted, not a set: two names can display alike (b"a\xff" and the text "a\\xff"). Rows are

@@ -110,7 +110,7 @@ def test_options_without_effect_do_not_enter_resume_or_cache_keys(tmp_path, chec
     resumed = scan([tmp_path / "in"], det, out, ScanOptions(patches=other_full, fusion="max", workers=0, progress=False,
                                                             resume=True))
     assert resumed.n_skipped == 1 and resumed.n_real + resumed.n_fake == 1
-    with pytest.raises(ValueError, match="other weights or settings"):
+    with pytest.raises(ValueError, match="other weights, model set or settings"):
         scan([tmp_path / "in"], det, out, ScanOptions(patches=PatchSettings(mode="full", tile_size=16), workers=0,
                                                       progress=False, resume=True))
 

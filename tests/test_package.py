@@ -159,17 +159,22 @@ def test_wheel_installed_elsewhere_finds_its_weights(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in (resources.ENV_VAR, "PYTHONPATH")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # where `detector download` puts the encoder
     command = [str(venv / "bin" / "detector"), "scan", str(ROOT / "data" / "samples" / "fake_dcgan_0.png"),
                "-o", "out.csv", "--workers", "0", "-q"]
     # the wheel carries the probe, not its 90 MB encoder: without it, one message saying what is missing and where
     scan = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
     assert scan.returncode != 0 and "clip_vitb16.int8.onnx" in scan.stderr + scan.stdout
+    assert "detector download" in scan.stderr + scan.stdout
     assert "Traceback" not in scan.stderr and not (elsewhere / "out.csv").exists()
     encoder = ROOT / "weights" / "clip_vitb16.int8.onnx"
     if not encoder.is_file():
         pytest.skip("the CLIP encoder is not in this checkout's weights/ (`make` fetches it)")
-    installed = next(site.glob("detector/weights"))
-    shutil.copy(encoder, installed / encoder.name)  # what a user does after fetching it
+    # what a user runs; --from a local copy, as no test may download
+    fetched = subprocess.run([str(venv / "bin" / "detector"), "download", "--from", str(encoder)], cwd=elsewhere,
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "cache" / "detector" / encoder.name).is_file()
     scan = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
     assert scan.returncode == 0, scan.stderr
     assert "Warning" not in scan.stderr + scan.stdout
@@ -177,5 +182,7 @@ def test_wheel_installed_elsewhere_finds_its_weights(tmp_path):
     with open(elsewhere / "out.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and rows[0]["label"] in ("fake", "real") and not rows[0]["error"]
-    used = json.loads((elsewhere / "out.csv.json").read_text())["detector"]["weights"]
-    assert used.startswith(str(site)), used  # the wheel's own copy, not the checkout's
+    used = json.loads((elsewhere / "out.csv.json").read_text())["detector"]
+    assert used["weights"].startswith(str(site)), used  # the wheel's own copy, not the checkout's
+    assert used["architecture"].startswith("clip-probe:")  # the probe's verdict, not the ResNet's
+    assert used["backbone"].endswith(str(tmp_path / "cache" / "detector" / encoder.name))
