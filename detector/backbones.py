@@ -27,7 +27,7 @@ exported from Hugging Face's CLIPVisionModel, as the default one), the class tok
 I, J, ... (0-based) side by side: intermediate blocks keep more of the low-level traces that
 generators leave (Koutlis & Papadopoulos, ECCV 2024), and on this project's validation split the
 probe on blocks 5, 7, 9 and 11 scores 0.919 against 0.865 for the last block alone
-(weights/EXPERIMENTS.md).
+(experiments/EXPERIMENTS.md).
 """
 
 from __future__ import annotations

@@ -176,18 +176,29 @@ def _backend_option(f):
 _MODE_ONLY = {"patches": ("patch_size", "num_patches", "layout", "fusion"), "full": ("tile_size", "tile_margin")}
 
 
-def _refuse_inapplicable(mode: str) -> None:
-    """Refuse options given for the other mode (defaults are fine): they would be silently ignored."""
+def _given(names) -> list[str]:
+    """The options among ``names`` (parameter names) that the user gave (not left at their defaults), as flags."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
+    return ["--" + n.replace("_", "-") for n in names
+            if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+
+
+def _refuse_given(names, where: str) -> None:
+    """Refuse options that do not apply ``where`` but were given: they would be silently ignored."""
+    given = _given(names)
+    if given:
+        _fail(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {where}; drop "
+              f"{'it' if len(given) == 1 else 'them'}")
+
+
+def _refuse_inapplicable(mode: str) -> None:
+    """Refuse options given for the other mode (defaults are fine): they would be silently ignored."""
     for needed, names in _MODE_ONLY.items():
-        if needed == mode:
-            continue
-        given = [n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT,
-                                                                          ParameterSource.DEFAULT_MAP)]
+        given = _given(names) if needed != mode else []
         if given:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            flags = ", ".join(given)
             _fail(f"{flags} {'applies' if len(given) == 1 else 'apply'} to --mode {needed} only, not to --mode {mode}; "
                   f"drop {'it' if len(given) == 1 else 'them'} or choose --mode {needed}")
 
@@ -562,6 +573,15 @@ def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, p
                f"(sha256 {sha[:12]})", err=True)
 
 
+# train options that mean something for one kind of model only
+_PROBE_ONLY = ("views", "view_mode", "feature", "probe_c", "probe_align_jpeg", "feature_cache")
+_RESNET_TRAINING_ONLY = ("init", "crop_size", "batch_size", "lr", "weight_decay", "steps_per_epoch", "max_epochs",
+                         "max_minutes", "lr_patience", "early_stop_patience", "blur_p", "blur_sigma", "jpeg_p",
+                         "jpeg_quality", "jpeg_align", "align_quality", "rotate_flip", "val_crop",
+                         "val_crops_per_image", "precision", "device", "resume", "simulate_fakes", "paired", "workers",
+                         "decode_cache_mb")
+
+
 def _floats(text: str) -> tuple[float, float]:
     lo, hi = (float(v) for v in text.split(","))
     return lo, hi
@@ -658,6 +678,8 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
         else:
             _fail("give --val data or --val-sources to hold out of --train")
         if architecture.startswith("clip-probe:"):
+            _refuse_given(_RESNET_TRAINING_ONLY, "to a CLIP probe, whose encoder is frozen and whose fit is a "
+                                                 "logistic regression (--arch resnet50nodown trains a network)")
             from .backbones import BackboneError
             from .training.probe import ProbeTrainConfig, train_probe
 
@@ -671,6 +693,7 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
             except BackboneError as err:
                 _fail(str(err))
             return
+        _refuse_given(_PROBE_ONLY, f"to --arch {architecture} (only to --arch clip-probe:...)")
         recipe = Recipe(crop_size=crop_size, blur_p=blur_p, blur_sigma=_floats(blur_sigma), jpeg_p=jpeg_p,
                         jpeg_quality=tuple(int(v) for v in _floats(jpeg_quality)), jpeg_align=jpeg_align,
                         align_quality=tuple(int(v) for v in _floats(align_quality)), rotate_flip=rotate_flip)

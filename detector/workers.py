@@ -83,16 +83,35 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all cores since boot, from ``/proc/stat``; None off Linux."""
+def _cpu_jiffies(cpus: set[int] | None = None) -> tuple[int, int] | None:
+    """(busy, total) clock ticks since boot of the CPUs in ``cpus`` (all of them when None), from
+    ``/proc/stat``'s per-CPU lines; None off Linux."""
+    busy = total = 0
+    seen = False
     try:
         with open("/proc/stat", encoding="ascii") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
+            for line in fh:
+                name, _, rest = line.partition(" ")
+                if not name.startswith("cpu") or name == "cpu":
+                    continue
+                if not name[3:].isdigit():
+                    break
+                if cpus is not None and int(name[3:]) not in cpus:
+                    continue
+                fields = [int(v) for v in rest.split()]
+                idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+                ticks = sum(fields[:8])  # guest time is already counted in user
+                busy, total, seen = busy + ticks - idle, total + ticks, True
+    except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user
-    return total - idle, total
+    return (busy, total) if seen else None
+
+
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
 
 
 def free_cores(cores: int, busy_elsewhere: float) -> int:
@@ -108,8 +127,9 @@ def free_cores(cores: int, busy_elsewhere: float) -> int:
 class CpuShare:
     """How busy the machine is with other programs, measured between :meth:`start` and :meth:`stop`.
 
-    Our own CPU time (all threads of this process) is subtracted from the machine's busy time
-    over the same interval, so the command's own start-up work (importing torch) can be the
+    Only the CPUs this process may run on count (its affinity mask: ``taskset``, a container's
+    cpuset): what other programs do on the others takes nothing from us. Our own CPU time (all
+    threads of this process) is subtracted from those CPUs' busy time over the same interval, so the command's own start-up work (importing torch) can be the
     measurement window: no extra wait. ``busy_elsewhere`` is in cores (1.0: another program keeps
     one core busy).
     """
@@ -120,11 +140,13 @@ class CpuShare:
     _t0: float = 0.0
     _own0: float = 0.0
     _machine0: tuple[int, int] | None = None
+    _cpus: set[int] | None = None
 
     @classmethod
     def start(cls) -> "CpuShare":
         share = cls(cores=usable_cores())
-        share._t0, share._own0, share._machine0 = time.perf_counter(), time.process_time(), _cpu_jiffies()
+        share._cpus = _affinity()
+        share._t0, share._own0, share._machine0 = time.perf_counter(), time.process_time(), _cpu_jiffies(share._cpus)
         return share
 
     def stop(self, min_seconds: float = 0.2) -> "CpuShare":
@@ -132,12 +154,12 @@ class CpuShare:
         elapsed = time.perf_counter() - self._t0
         if elapsed < min_seconds:
             time.sleep(min_seconds - elapsed)
-        machine1 = _cpu_jiffies()
+        machine1 = _cpu_jiffies(self._cpus)
         self.seconds = time.perf_counter() - self._t0
         if self._machine0 is None or machine1 is None or machine1[1] <= self._machine0[1]:
             return self
         busy, total = machine1[0] - self._machine0[0], machine1[1] - self._machine0[1]
-        ncpu = os.cpu_count() or 1
+        ncpu = len(self._cpus) if self._cpus else (os.cpu_count() or 1)
         wall_ticks = total / ncpu  # ticks per core over the window
         own_ticks = (time.process_time() - self._own0) * wall_ticks / max(self.seconds, 1e-9)
         self.busy_elsewhere = max(0.0, (busy - own_ticks) / wall_ticks)

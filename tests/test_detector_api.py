@@ -184,3 +184,16 @@ def test_no_module_imports_a_module_that_imports_it():
 
     cycles = sorted(m for m in graph if m in reach(m))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_train_refuses_options_that_do_not_apply_to_the_architecture(tmp_path):
+    runner = CliRunner()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.png,0\n")
+    probe = runner.invoke(main, ["train", "--arch", "clip-probe:clip:onnx:enc.onnx", "--train", str(manifest),
+                                 "--val", str(manifest), "--output-dir", str(tmp_path / "o"), "--lr", "0.1",
+                                 "--resume"])
+    assert probe.exit_code != 0 and "--lr, --resume do not apply to a CLIP probe" in probe.output
+    net = runner.invoke(main, ["train", "--train", str(manifest), "--val", str(manifest), "--output-dir",
+                               str(tmp_path / "o"), "--views", "4"])
+    assert net.exit_code != 0 and "--views does not apply to --arch resnet50nodown" in net.output

@@ -37,6 +37,7 @@ from .calibration import fit_calibration
 __all__ = ["C_GRID", "FeatureCache", "ProbeTrainConfig", "embed_images", "fit_probe", "group_weights", "probe_config",
            "train_probe"]
 
+READ_AHEAD = 8  # images decoded ahead of the encoder, at most
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
@@ -87,7 +88,11 @@ class FeatureCache:
             return None
 
     def put(self, sha256: str, features: np.ndarray) -> None:
-        atomic_write(self._path(sha256), lambda tmp: np.save(open(tmp, "wb"), features.astype(np.float32)))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # np.save on a name would add ".npy" to the temporary one
+                np.save(fh, features.astype(np.float32))
+
+        atomic_write(self._path(sha256), write)
 
 
 def _views_of(path: str, *, size: int, n: int, mode: str, align_jpeg: int | None, center_crop: int | None,
@@ -112,8 +117,11 @@ def embed_images(
 ) -> list[np.ndarray | None]:
     """Per image, its views' features ``(k, dim)`` (None where the file cannot be read).
 
-    Files are read and cut by two threads while the encoder runs; cached features are reused.
+    Files are read and cut by two threads while the encoder runs, at most ``READ_AHEAD`` images
+    ahead of it (decoded views wait in memory); cached features are reused.
     """
+    from collections import deque
+
     shas = [file_sha256(p) for p in paths]
     out: list[np.ndarray | None] = [cache.get(s) if cache else None for s in shas]
     todo = [i for i, f in enumerate(out) if f is None]
@@ -128,7 +136,17 @@ def embed_images(
             return i, None, str(err)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for i, image_views, error in pool.map(load, todo):
+        queue: deque = deque()
+        pending = iter(todo)
+        for i in pending:
+            queue.append(pool.submit(load, i))
+            if len(queue) >= READ_AHEAD:
+                break
+        while queue:
+            i, image_views, error = queue.popleft().result()
+            nxt = next(pending, None)
+            if nxt is not None:
+                queue.append(pool.submit(load, nxt))
             if image_views is None:
                 log(f"skipped {paths[i]}: {error}")
                 continue

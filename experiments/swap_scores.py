@@ -5,7 +5,7 @@ no-downsample ResNet-50 takes minutes per split on this CPU): this writes ``OUT/
 ``OUT/run.json`` from ``BASE`` with the ``logit_<NAME>`` column replaced, row by row on the image
 path, by the same column of ``NEW``; ``fusion_rules.py OUT ...`` then reads it::
 
-    .venv/bin/python weights/experiments/swap_scores.py runs/eval/val runs/eval/val_newprobe \
+    .venv/bin/python experiments/swap_scores.py runs/eval/val runs/eval/val_newprobe \
         clip_probe_vitb16 runs/eval/val_swapped
 """
 

@@ -7,7 +7,7 @@ rows. The checkpoints must hold the tensors that produced the scores (a recalibr
 ``detector calibrate`` changes only the metadata); this is checked through the evaluation's
 ``run.json`` (or, for a model scored by its int8 export, the export's recorded source)::
 
-    .venv/bin/python weights/experiments/fusion_rules.py runs/eval/val \
+    .venv/bin/python experiments/fusion_rules.py runs/eval/val \
         weights/resnet50nodown_dev.safetensors weights/clip_probe_vitb16.safetensors
 """
 

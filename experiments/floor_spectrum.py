@@ -4,9 +4,9 @@ Per image (both classes alike): the central 256 px crop, a JPEG round trip at qu
 grey-level noise residual (image minus its 3x3 mean), the log-magnitude of its 2-D FFT averaged
 into 64x64 bins, standardised; a class-balanced L2 logistic regression trained on
 ``data/splits/train.csv``, its C chosen on ``val``, reported on the sealed ``test`` split
-(overall and per real-photo source) into ``weights/experiments/floor_spectrum.json``::
+(overall and per real-photo source) into ``experiments/floor_spectrum.json``::
 
-    .venv/bin/python weights/experiments/floor_spectrum.py
+    .venv/bin/python experiments/floor_spectrum.py
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
     result = {"c": best, "val_auc": fits[best][0], "test_aligned_auc": auc(y["test"], s), "test_lo": lo, "test_hi": hi,
               "n_test_real": int((y["test"] == 0).sum()), "n_test_fake": int((y["test"] == 1).sum()),
               "test_per_real_source": per_source, "cpu_minutes": (time.time() - t0) / 60}
-    Path("weights/experiments/floor_spectrum.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    (Path(__file__).resolve().parent / "floor_spectrum.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     print(json.dumps(result, indent=1, sort_keys=True))
 
 

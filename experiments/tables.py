@@ -1,10 +1,10 @@
-"""Print the Markdown tables of weights/EXPERIMENTS.md from the experiments' own result files.
+"""Print the Markdown tables of experiments/EXPERIMENTS.md from the experiments' own result files.
 
 Every figure in EXPERIMENTS.md comes from this script's output, which reads only what the
 experiment commands wrote (``probe_arms.json``, ``floor_spectrum.json`` and the ``metrics.csv`` of
 ``detector evaluate`` runs)::
 
-    .venv/bin/python weights/experiments/tables.py [EVAL_DIR ...]
+    .venv/bin/python experiments/tables.py [EVAL_DIR ...]
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Every arm is trained with :func:`detector.training.probe.train_probe` (the code 
 ``detector train --arch clip-probe:...``) and measured on the sealed test split under three
 conditions: images as stored; JPEG-aligned (both classes centre-cropped to 256 px and re-encoded
 at quality 90); PNG-only (only the PNG files of both classes, as stored). Results go to
-``weights/experiments/probe_arms.json``; the choice between arms is made on validation AUC only.
+``experiments/probe_arms.json``; the choice between arms is made on validation AUC only.
 
-    .venv/bin/python weights/experiments/probe_arms.py [--arms NAME,...]
+    .venv/bin/python experiments/probe_arms.py [--arms NAME,...]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/probe_arms")
     args = parser.parse_args()
     base_train, val_t, test_t = (read_labelled(f"data/splits/{s}.csv") for s in ("train", "val", "test"))
-    results_path = Path("weights/experiments/probe_arms.json")
+    results_path = (Path(__file__).resolve().parent / "probe_arms.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name in args.arms.split(","):
         arm = dict(ARMS[name])

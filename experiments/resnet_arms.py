@@ -6,9 +6,9 @@ mean logit) under the same wall-clock budget on this CPU, so that the comparison
 the currency of a CPU-only project. The best checkpoint (highest val AUC) of each arm is then scored
 on the sealed test split by ``detector evaluate`` under two conditions, one 256 px centre patch per
 image: JPEG-aligned (both classes re-encoded at quality 90 in memory) and PNG-only (only the PNG
-files of both classes, pixels as stored). Results go to ``weights/experiments/resnet_arms.json``.
+files of both classes, pixels as stored). Results go to ``experiments/resnet_arms.json``.
 
-    .venv/bin/python weights/experiments/resnet_arms.py [--arms NAME,...] [--minutes-r18 6 --minutes-r50 10]
+    .venv/bin/python experiments/resnet_arms.py [--arms NAME,...] [--minutes-r18 6 --minutes-r50 10]
 
 Twins (arm f) are made first if missing, from the training reals of at most 4 MP (``detector
 make-fakes``); the AutoGAN simulator with ``detector simulate``.
@@ -28,7 +28,7 @@ import pandas as pd
 from probe_arms import auc_rows  # this folder is on sys.path when the script runs
 
 OUT = Path("runs/arms")
-RESULTS = Path("weights/experiments/resnet_arms.json")
+RESULTS = (Path(__file__).resolve().parent / "resnet_arms.json")
 DET = ".venv/bin/detector"
 COMMON = ["--val", "data/splits/val.csv", "--lr", "5e-4", "--precision", "bf16", "--lr-patience", "4", "--patience", "10", "--threads", "2"]
 GRIP_AUG: list[str] = []  # the defaults: blur p=0.5 sigma 0-3, JPEG p=0.5 quality 30-100 (Wang et al. 2020)

@@ -9,9 +9,9 @@ block of the same int8 encoder (feature ``cls-blocks:0,...,11``), and fits the s
 logistic probe (C chosen on validation) on the CLS token of several sets of blocks. Choice on
 validation only; test printed for the record.
 
-    .venv/bin/python weights/experiments/probe_layers.py
+    .venv/bin/python experiments/probe_layers.py
 
-Results: weights/experiments/probe_layers.json.
+Results: experiments/probe_layers.json.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
         results["sets"][set_name] = row
         print(f"blocks {set_name:<12} C={best:<5g} val {row['val_auc']:.3f} | test (as stored) {row['test_auc']:.3f} "
               f"[{lo:.3f}, {hi:.3f}]", flush=True)
-    Path("weights/experiments/probe_layers.json").write_text(json.dumps(results, indent=1))
+    (Path(__file__).resolve().parent / "probe_layers.json").write_text(json.dumps(results, indent=1))
     print(f"encoding: {encode_minutes:.1f} min; images {results['n']}")
 
 
