@@ -523,8 +523,10 @@ def export_cmd(weights, formats, output_dir, int8, int8_only, calibration, calib
                    "its scores are used without scoring again.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="The recalibrated checkpoint (same tensors, new calibration in its metadata).")
-@click.option("--target-far", type=float, default=None,
-              help="Put the threshold at this false-alarm rate on the calibration reals (default: Platt's 0.5 point).")
+@click.option("--target-far", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="Put the threshold where this share of the calibration reals is called generated (e.g. 0.05), fit "
+                   "the temperature around it and store the operating points 0.1%-20% that --target-fpr reads. "
+                   "Default: Platt scaling, whose 0.5 point is the threshold.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @_patch_options
 def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, patch_size, num_patches, layout, seed, fusion, tile_size,
@@ -617,7 +619,9 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--rotate-flip/--no-rotate-flip", default=True, show_default=True, help="Random 90-degree rotations and flips.")
 @click.option("--val-crop", default=128, show_default=True, help="Validation crop size in px.")
 @click.option("--val-crops", "val_crops_per_image", default=4, show_default=True, help="Validation crops per image.")
-@click.option("--target-far", type=float, default=None, help="Calibrate the threshold to this false-alarm rate (default: equal-error point).")
+@click.option("--target-far", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="Put the threshold where this share of the validation reals is called generated, with the "
+                   "operating points 0.1%-20% stored for --target-fpr. Default: Platt scaling's 0.5 point.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")

@@ -259,9 +259,9 @@ class ResNet(nn.Module):
 class TimmClassifier(nn.Module):
     """Any timm backbone with a single-logit head, behind the same interface as :class:`ResNet`.
 
-    Convolutional timm models expose their final feature map, so the logit map is the classifier
-    applied at every position when the head is linear after average pooling; otherwise the map is
-    the image logit repeated at one position.
+    timm's heads pool before they classify, so this wrapper has no spatial logit map: its "map" is
+    one cell holding the image logit (a heatmap of a timm model is flat), and patches are scored
+    whole. ``output_stride`` is the backbone's reduction, which only aligns crops.
     """
 
     def __init__(self, name: str) -> None:
