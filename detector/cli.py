@@ -112,16 +112,16 @@ def _patch_options(f):
         click.option("--mode", type=click.Choice(["patches", "full"]), default="patches", show_default=True,
                      help="patches: score --num-patches crops of --patch-size px. full: the whole image at native "
                           "resolution, tiled above --tile-size."),
-        click.option("--patch-size", default=256, show_default=True, help="Patch side in px (patches mode)."),
-        click.option("--num-patches", default=8, show_default=True, help="Patches per image (patches mode); small images give fewer."),
+        click.option("--patch-size", type=click.IntRange(min=8), default=256, show_default=True, help="Patch side in px (patches mode)."),
+        click.option("--num-patches", type=click.IntRange(min=1), default=8, show_default=True, help="Patches per image (patches mode); small images give fewer."),
         click.option("--layout", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
                      help="Patch positions: an even grid or seeded random."),
-        click.option("--seed", default=0, show_default=True, help="Seed of random patch positions (evaluate: also of perturbations and the bootstrap)."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of random patch positions (evaluate: also of perturbations and the bootstrap)."),
         click.option("--fusion", type=click.Choice(FUSION_RULES), default="mean", show_default=True,
                      help="How patch logits become the image logit (patches mode)."),
-        click.option("--tile-size", default=512, show_default=True,
+        click.option("--tile-size", type=click.IntRange(min=8), default=512, show_default=True,
                      help="Full mode: images larger than this are cut into tiles of this core size (bounds memory)."),
-        click.option("--tile-margin", type=int, default=None,
+        click.option("--tile-margin", type=click.IntRange(min=0), default=None,
                      help="Full mode: context px around each tile. Default: the network's receptive-field radius "
                           "(64 px for resnet50nodown), which makes tiled scores equal untiled ones; smaller is faster "
                           "but drifts."),
@@ -132,13 +132,13 @@ def _patch_options(f):
                           "weights (WEIGHTS.export/) if there is one; else bf16 on CPUs with AVX-512 BF16/AMX and on "
                           "recent GPUs, else fp32 (fp16 on older GPUs); fp32 with an exported model. bf16/fp16 run "
                           "under autocast; fp32 is exact; int8 runs the int8 model of an export (see `detector export`)."),
-        click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass, at most; capped at 256 Kpixels per batch on the CPU (faster there) and 4 Mpixels elsewhere."),
-        click.option("--workers", default=2, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Crops per forward pass, at most; capped at 256 Kpixels per batch on the CPU (faster there) and 4 Mpixels elsewhere."),
+        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
                      help="Decoding processes (0: decode in the main process); fewer when other programs keep cores busy."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads of the networks. Default: the cores that other programs leave free, measured "
                           "at start (all of them on an idle machine)."),
-        click.option("--max-pixels", default=1 << 28, show_default=True, help="Refuse images with more pixels (decompression bombs)."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=1 << 28, show_default=True, help="Refuse images with more pixels (decompression bombs)."),
         click.option("--arch", "architecture", default=None, help="Architecture of a published checkpoint that does not say "
                      "(default resnet50nodown; Wang et al.'s CNNDetection weights: resnet50)."),
     ]
@@ -223,9 +223,18 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
                    "not computed unless --members asks for it).")
 @click.option("--fusion-models", type=click.Choice(["mean", "max", "soft-or"]), default=None,
               help="How several models' calibrated logits are fused (default: the model set's rule, else mean).")
-@click.option("--output", "-o", default="results.csv", show_default=True, type=click.Path(dir_okay=False),
-              help="CSV written one row per file, flushed as it goes.")
+@click.option("--output", "-o", default=None, metavar="FILE|-",
+              help="Where the rows go, one per file, flushed as they are scored; the format follows the suffix: .csv, "
+                   ".jsonl (one JSON object per image, same fields) or .parquet (written at the end; needs "
+                   "'detector[parquet]'). '-' streams rows to standard output (the summary goes to standard error). "
+                   "Default: image files named one by one are only printed; a folder, glob or list writes results.csv.")
+@click.option("--format", "row_format", type=click.Choice(["csv", "jsonl"]), default=None,
+              help="The format of rows streamed to standard output with -o - (default csv).")
 @click.option("--resume", is_flag=True, help="Skip files already in --output (after repairing a torn last row).")
+@click.option("--fail-on", type=click.Choice(["never", "fake", "error", "any"]), default="never", show_default=True,
+              help="Exit with status 3 when a file is labelled fake (fake), could not be scored (error), or either "
+                   "(any), so that a pipeline can act on it. Whatever this says, status 1 means the scan itself "
+                   "failed and 2 a bad command line.")
 @click.option("--heatmaps", type=click.Path(file_okay=False), default=None, help="Write each image's logit map as a PNG overlay here.")
 @click.option("--table/--no-table", default=False, help="Print the results as a table on stdout at the end.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -235,53 +244,88 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @_backend_option
 @_target_fpr_option
 @_members_option
-def scan(inputs, weights, fusion_models, output, resume, heatmaps, table, report_path, quiet, mode, patch_size, num_patches, layout, seed, fusion,
-         tile_size, tile_margin, device, precision, batch_size, workers, threads, max_pixels, architecture,
-         backend, target_fpr, members) -> None:
+def scan(inputs, weights, fusion_models, output, row_format, resume, fail_on, heatmaps, table, report_path, quiet, mode,
+         patch_size, num_patches, layout, seed, fusion, tile_size, tile_margin, device, precision, batch_size, workers,
+         threads, max_pixels, architecture, backend, target_fpr, members) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
     \b
     Examples:
-      detector scan ~/Pictures
+      detector scan photo.jpg                      # its verdict on the terminal, no file written
+      detector scan ~/Pictures                     # results.csv, and results.csv.json (the run record)
+      detector scan uploads/ -o - --fail-on fake   # CSV on stdout; exit status 3 if any is labelled fake
+      detector scan photos/ -o verdicts.jsonl      # one JSON object per image
       detector scan photos/ --mode full --precision bf16 -o full.csv
       detector scan list.csv --mode patches --patch-size 128 --num-patches 16 --fusion max
-      detector scan photos/ --weights exported/ --precision int8
+
+    \b
+    Exit status: 0 done; 1 the scan failed (bad weights, output in the way, no image found);
+    2 a bad command line; 3 --fail-on's condition holds.
     """
+    import tempfile
+
     from .images import InputError
     from .scanning import ScanOptions
     from .scanning import scan as run
 
     settings = _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile_margin)
+    verdicts_only = output is None and _named_files_only(inputs)
+    if verdicts_only and resume:
+        _fail("--resume continues an output file: give it with -o")
+    if row_format and output != "-":
+        _fail("--format chooses the rows written to standard output (-o -); a file's format follows its suffix")
+    if output == "-" and (table or report_path):
+        _fail("-o - streams the rows to standard output: --table and --report need an output file")
+    if output not in (None, "-"):
+        from .results import output_format
+
+        try:
+            output_format(output)
+        except ValueError as err:
+            _fail(str(err))
     threads, workers = _share_cpus(workers, threads)
     detector = _load(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr, members)
-    try:
-        options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
-                              max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet)
-        summary = run(inputs, detector, output, options)
-    except (InputError, ValueError, FileExistsError, RuntimeError) as err:
-        _fail(str(err))
-    click.echo(summary.line(), err=True)
-    if table:
-        _print_table(summary.output)
-    elif summary.n_files == 1 and summary.n_skipped == 0:
-        _print_verdict(summary.output)
-    if report_path and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, which merged the parts
-        _write_scan_report(output, report_path, heatmaps)
+    with tempfile.TemporaryDirectory(prefix="detector-scan-") as scratch:
+        target = str(Path(scratch) / "results.csv") if verdicts_only else (output or "results.csv")
+        try:
+            options = ScanOptions(patches=settings, fusion=fusion, batch_size=batch_size, workers=workers,
+                                  max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet,
+                                  format=row_format or "csv")
+            summary = run(inputs, detector, target, options)
+        except FileExistsError:
+            _fail(f"{target} exists: `detector scan {' '.join(inputs)} --resume` continues it, -o NEW.csv starts another")
+        except (InputError, ValueError, RuntimeError) as err:
+            _fail(str(err))
+        click.echo(summary.line() if not verdicts_only else summary.line().rsplit(" -> ", 1)[0], err=True)
+        if output != "-":
+            if table:
+                _print_table(target)
+            elif verdicts_only or (summary.n_files == 1 and summary.n_skipped == 0):
+                _print_verdicts(target, last=None if verdicts_only else 1)
+            if report_path and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 merged the parts
+                _write_scan_report(target, report_path, heatmaps)
+    failed = {"fake": summary.n_fake, "error": summary.n_errors, "any": summary.n_fake + summary.n_errors}.get(fail_on, 0)
+    if failed:
+        sys.exit(3)
 
 
-def _print_verdict(path: str) -> None:
-    """One image scanned: its verdict on stdout (the CSV has the rest)."""
-    import csv
+def _named_files_only(inputs) -> bool:
+    """Whether every input names one image file (not a folder, a glob or a CSV list): then a scan
+    prints its verdicts and writes no file unless -o asks for one."""
+    paths = [Path(os.path.expanduser(i)) for i in inputs]
+    return all(p.is_file() and p.suffix.lower() != ".csv" for p in paths)
 
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return
-    row = rows[-1]
-    if row["error"]:
-        click.echo(f"{row['path']}: not scored: {row['error']}")
-    else:
-        click.echo(f"{row['path']}: {row['label']} (probability {float(row['probability']):.3f} that it is generated)")
+
+def _print_verdicts(path: str, last: int | None = None) -> None:
+    """The verdicts on stdout, one line per file (the ``last`` rows only, if given)."""
+    from .results import read_rows
+
+    rows = read_rows(path)
+    for row in rows[-last:] if last else rows:
+        if row["error"]:
+            click.echo(f"{row['path']}: not scored: {row['error']}")
+        else:
+            click.echo(f"{row['path']}: {row['label']} (probability {float(row['probability']):.3f} that it is generated)")
 
 
 def _write_scan_report(results: str, report_path: str, heatmaps: str | None) -> None:
@@ -297,7 +341,9 @@ def _write_scan_report(results: str, report_path: str, heatmaps: str | None) -> 
 def _print_table(path: str) -> None:
     import pandas as pd
 
-    df = pd.read_csv(path, keep_default_na=False)
+    from .results import read_rows
+
+    df = pd.DataFrame(read_rows(path))
     shown = df[["path", "probability", "label", "width", "height", "format", "error"]].copy()
     shown["path"] = shown["path"].map(lambda p: p if len(p) <= 50 else "..." + p[-47:])
     with pd.option_context("display.max_rows", 200, "display.width", 160, "display.max_colwidth", 60):
@@ -857,11 +903,11 @@ def simulate(train_data, output, steps, crop, batch_size, lr, width, blocks, see
               help="Folder holding taef2_encoder.pth and taef2_decoder.pth. Default: ../shared/models/taef2 "
                    "relative to the working folder.")
 @click.option("--simulator", type=click.Path(dir_okay=False), default=None, help="Simulator file (--method autogan).")
-@click.option("--tile-size", default=512, show_default=True,
+@click.option("--tile-size", type=click.IntRange(min=8), default=512, show_default=True,
               help="Images larger than this are processed in tiles of this core size (bounds memory; twins stay "
                    "pixel-aligned).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--max-pixels", default=1 << 28, show_default=True, help="Skip images with more pixels (decompression bombs).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=1 << 28, show_default=True, help="Skip images with more pixels (decompression bombs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def make_fakes(data, method, output_dir, tae_dir, simulator, tile_size, device, max_pixels, quiet) -> None:
     """Write an aligned twin of every real image in DATA, plus a manifest that `train` reads.

@@ -137,13 +137,13 @@ def _walk(folder: Path) -> Iterable[Path]:
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files, folders (recursive), glob patterns and CSV lists into image paths.
 
-    Files named explicitly are kept whatever their extension (so that a bad one gets its error
-    row); folders contribute files with an image extension. Order is deterministic (sorted within
+    ``~`` is expanded. Files named explicitly are kept whatever their extension (so that a bad one
+    gets its error row); folders contribute files with an image extension. Order is deterministic (sorted within
     each folder, arguments in the order given) and each path appears once.
     """
     found: list[Path] = []
     for item in inputs:
-        text = os.fspath(item)
+        text = os.path.expanduser(os.fspath(item))
         path = Path(text)
         if path.is_dir():
             found.extend(_walk(path))
@@ -243,8 +243,9 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     path = Path(path)
     try:
         kind = os.stat(path).st_mode
-        if stat.S_ISDIR(kind):
-            raise ImageError("is a directory")
+        if stat.S_ISDIR(kind):  # a folder that could not be listed, or one named as a file
+            raise ImageError("permission denied: the folder cannot be listed" if not os.access(path, os.R_OK | os.X_OK)
+                             else "is a directory")
         if not stat.S_ISREG(kind):  # reading a FIFO would block forever, a device never end
             raise ImageError("not a regular file (a pipe, socket or device)")
         with open(path, "rb") as fp, open_image(fp, str(path)) as img:

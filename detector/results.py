@@ -1,4 +1,5 @@
-"""Per-image results on disk: the streamed CSV, its resume and repair, the run record, heatmaps.
+"""Per-image results on disk: the streamed CSV or JSON lines, their resume and repair, the run record,
+heatmaps.
 
 The CSV is written one row at a time and flushed, so a killed scan loses at most the row being
 written; :func:`repair_and_read` cuts such a torn last row off before a resume. Paths are
@@ -25,8 +26,13 @@ import numpy as np
 from .checkpoints import atomic_write
 from .metrics import sigmoid
 
-__all__ = ["RESULT_COLUMNS", "ImageResult", "result_columns", "ResultWriter", "display_path", "repair_and_read",
-           "write_heatmap", "write_run_record", "read_run_record", "heatmap_name", "software_versions"]
+__all__ = ["OUTPUT_FORMATS", "RESULT_COLUMNS", "ImageResult", "JsonlWriter", "result_columns", "ResultWriter",
+           "display_path", "open_writer", "output_format", "read_rows", "repair_and_read", "write_heatmap", "write_run_record",
+           "read_run_record", "heatmap_name", "software_versions"]
+
+# what -o may end with; parquet is written from a streamed CSV at the end (see detector.scanning)
+OUTPUT_FORMATS = ("csv", "jsonl", "parquet")
+_NUMERIC = {"logit", "probability", "width", "height", "n_patches", "seconds"}
 
 
 @dataclass
@@ -90,15 +96,45 @@ def _record_ends(text: str) -> list[int]:
     return ends
 
 
-def repair_and_read(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of an existing output, after cutting off a torn last row (from a kill) in place.
+def output_format(path: str | os.PathLike) -> str:
+    """The format an output path asks for by its suffix (``.csv``, ``.jsonl``, ``.parquet``); any other
+    suffix is a ``ValueError``: writing CSV into ``out.json`` would mislead the next program."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"{path}: choose an output ending in .csv, .jsonl or .parquet (or - for standard output)")
+    return suffix
 
-    Raises ``ValueError`` if the file is not a results CSV (another header), so that a wrong
+
+def _repair_jsonl(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    good = data.rfind(b"\n") + 1
+    if good != len(data):  # a torn last line from a kill
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+    rows = []
+    for line in data[:good].decode("utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "path" not in row:
+            raise ValueError(f"{path} is not a detector results file (a line is not a result); choose another --output")
+        rows.append(row)
+    return rows
+
+
+def repair_and_read(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of an existing output (CSV, or JSON lines for ``.jsonl``), after cutting off a torn last
+    row (from a kill) in place.
+
+    Raises ``ValueError`` if the file is not a results file (another header), so that a wrong
     ``--output`` never gets overwritten or appended to.
     """
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return []
+    if path.suffix.lower() == ".jsonl":
+        return _repair_jsonl(path)
     data = path.read_bytes()
     text = data.decode("utf-8", errors="strict")
     ends = _record_ends(text)
@@ -116,15 +152,32 @@ def repair_and_read(path: str | os.PathLike) -> list[dict[str, str]]:
     return [dict(zip(header, r)) for r in rows[1:] if len(r) == len(header)]
 
 
-class ResultWriter:
-    """Append rows to the output CSV, writing the header for a new file; flush every row."""
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a finished output of any format (see :data:`OUTPUT_FORMATS`), as dicts."""
+    if Path(path).suffix.lower() == ".parquet":
+        import pandas as pd
 
-    def __init__(self, path: str | os.PathLike, model_names: list[str] | tuple[str, ...] = ()) -> None:
-        self.path = Path(path)
+        table = pd.read_parquet(path)
+        return table.astype(object).where(table.notna(), "").to_dict("records")
+    return repair_and_read(path)
+
+
+class ResultWriter:
+    """Append rows to the output CSV (a path, or an open text stream such as standard output),
+    writing the header for a new file; flush every row."""
+
+    def __init__(self, path: "str | os.PathLike | io.TextIOBase", model_names: list[str] | tuple[str, ...] = ()) -> None:
         self.model_names = tuple(model_names)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "a", newline="", encoding="utf-8")
+        if isinstance(path, io.TextIOBase):
+            self.path, self._fh, self._owned, new = None, path, False, True
+        else:
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._fh, self._owned = open(self.path, "a", newline="", encoding="utf-8"), True
+        self._start(new)
+
+    def _start(self, new: bool) -> None:
         self._csv = csv.writer(self._fh, lineterminator="\n")
         # The csv module quotes a field holding the line terminator but not a bare "\r", which
         # pandas and the csv module read as a line break: rows holding one quote every field.
@@ -143,14 +196,41 @@ class ResultWriter:
 
     def close(self) -> None:
         self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        if self._owned:
+            os.fsync(self._fh.fileno())
+            self._fh.close()
 
     def __enter__(self) -> "ResultWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class JsonlWriter(ResultWriter):
+    """Append rows as JSON lines: one object per image with the CSV's fields (numbers as numbers,
+    empty fields as null), flushed one by one."""
+
+    def _start(self, new: bool) -> None:
+        self._columns = result_columns(self.model_names)
+
+    def write_row(self, row: list[str]) -> None:
+        record = {}
+        for name, value in zip(self._columns, row):
+            numeric = name in _NUMERIC or name.startswith(("logit_", "probability_"))
+            record[name] = (float(value) if value else None) if numeric else value
+            if numeric and value and name in ("width", "height", "n_patches"):
+                record[name] = int(float(value))
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+
+
+def open_writer(target: "str | os.PathLike | io.TextIOBase", model_names: list[str] | tuple[str, ...] = (),
+                fmt: str = "csv") -> ResultWriter:
+    """The writer of ``fmt`` (``csv`` or ``jsonl``) appending to ``target``."""
+    if fmt not in ("csv", "jsonl"):
+        raise ValueError(f"rows are streamed as csv or jsonl, not {fmt!r}")
+    return (JsonlWriter if fmt == "jsonl" else ResultWriter)(target, model_names)
 
 
 _RECORDED_DISTRIBUTIONS = ("detector", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "pillow",

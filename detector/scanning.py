@@ -27,14 +27,19 @@ from filelock import FileLock, Timeout
 
 from .ensemble import Ensemble
 from .fusion import FUSION_RULES
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, find_images
+from .images import DEFAULT_MAX_PIXELS, ImageError, InputError, decode_image, find_images
 from .patches import PatchSettings, relevant_settings
+from .progress import Progress, plural
 from .scoring import Preparation, Scored, score_stream
 from .workers import in_workers
+from .checkpoints import atomic_write
+from .resources import require
 from .results import (
     ImageResult,
     ResultWriter,
     display_path,
+    open_writer,
+    output_format,
     run_record_path,
     read_run_record,
     repair_and_read,
@@ -57,10 +62,13 @@ class ScanOptions:
     heatmaps: str | None = None
     resume: bool = False
     progress: bool = True
+    format: str = "csv"  # of rows streamed to standard output (output "-"); files go by their suffix
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_RULES:
             raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
+        if self.format not in ("csv", "jsonl"):
+            raise ValueError(f"format must be csv or jsonl, got {self.format!r}")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("batch_size must be >= 1 and workers >= 0")
 
@@ -84,7 +92,7 @@ class ScanSummary:
     def line(self) -> str:
         done = self.n_files - self.n_skipped
         text = (f"{done} scanned ({self.n_skipped} already done): {self.n_fake} fake, {self.n_real} real, "
-                f"{self.n_errors} errors in {self.seconds:.1f} s -> {self.output}")
+                f"{plural(self.n_errors, 'error')} in {self.seconds:.1f} s -> {self.output}")
         if self.uncalibrated:
             text += (f"\nNOTE: probabilities are uncalibrated for these settings ({', '.join(self.uncalibrated)} "
                      f"calibrated with others; see the .json record): rank by them, do not read them as chances")
@@ -152,46 +160,74 @@ def _as_ensemble(models: "Ensemble | object") -> Ensemble:
     return Ensemble([models], [name])
 
 
+def _settings_record(ensemble: Ensemble, options: ScanOptions, summary: ScanSummary, record: dict | None) -> dict:
+    """The run record: the model set, every member with its say and calibration, the cuts, and which
+    model (if any) draws the heatmaps."""
+    conv = ensemble.conv
+    patches = asdict(conv.resolve_settings(options.patches)) if conv else None
+    summary.uncalibrated = uncalibrated_members(ensemble, patches, options.fusion)
+    drawn = next((n for n, m, w in zip(ensemble.names, ensemble.members, ensemble.weights) if m is conv and w > 0), None)
+    if options.heatmaps and drawn is None:
+        summary.notes.append(
+            "no heatmaps: no model of this set draws a logit map (the CLIP probe scores whole views); add a "
+            "convolutional member with --weights to get them" if conv is None else
+            "no heatmaps: the convolutional member has no say in this set's verdict, and a map of a model that "
+            "does not decide would mislead")
+    return {**(record or {}), "detector": ensemble.describe(), "patches": patches, "fusion": options.fusion,
+            "max_pixels": options.max_pixels, "probabilities_calibrated": not summary.uncalibrated,
+            "uncalibrated_models": summary.uncalibrated,
+            "heatmaps": {"folder": str(options.heatmaps), "model": drawn} if options.heatmaps and drawn else None}
+
+
 def scan_paths(
     paths: Sequence[Path],
     detector: "Ensemble",
-    output: str | os.PathLike,
+    output: "str | os.PathLike",
     options: ScanOptions = ScanOptions(),
     *,
     record: dict | None = None,
 ) -> ScanSummary:
-    """Score ``paths`` into the CSV ``output`` (one rank's share when sharded)."""
+    """Score ``paths`` into ``output`` (one rank's share when sharded): a ``.csv``, ``.jsonl`` or
+    ``.parquet`` file (see :func:`detector.results.output_format`), or ``-`` for standard output
+    (rows in ``options.format``, no run record, no resume)."""
     ensemble = _as_ensemble(detector)
-    conv = ensemble.conv
-    output = Path(output)
     start = time.perf_counter()
     summary = ScanSummary(output=str(output), n_files=len(paths))
-    lock = FileLock(f"{output}.lock")
+    settings_record = _settings_record(ensemble, options, summary, record)
+    names = ensemble.names if len(ensemble.members) > 1 else []
+    if str(output) == "-":
+        if options.resume:
+            raise ValueError("resume needs an output file, not standard output")
+        summary.output = "standard output"
+        writer = open_writer(sys.stdout, names, options.format)
+        _run(list(paths), ensemble, options, writer, summary, _heat_dir(options, summary), start)
+        writer.close()
+        summary.seconds = time.perf_counter() - start
+        return summary
+    output = Path(output)
+    fmt = output_format(output)
+    # parquet is written whole at the end, from a CSV streamed (and resumable) beside it
+    work = output.with_name(output.name + ".partial.csv") if fmt == "parquet" else output
+    if fmt == "parquet":
+        require("pyarrow", "parquet", "writing .parquet results")
+        if output.exists() and not work.exists():
+            raise FileExistsError(f"{output} exists and is complete; choose another output")
+    lock = FileLock(f"{work}.lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise RuntimeError(f"another scan is writing {output} (lock file {output}.lock); wait for it or choose another --output") from None
+        raise RuntimeError(f"another scan is writing {output} (lock file {work}.lock); wait for it or choose another "
+                           f"output") from None
     try:
-        patches = asdict(conv.resolve_settings(options.patches)) if conv else None
-        summary.uncalibrated = uncalibrated_members(ensemble, patches, options.fusion)
-        settings_record = {
-            **(record or {}),
-            "detector": ensemble.describe(),
-            "patches": patches,
-            "fusion": options.fusion,
-            "max_pixels": options.max_pixels,
-            "probabilities_calibrated": not summary.uncalibrated,
-            "uncalibrated_models": summary.uncalibrated,
-        }
         done: Counter[str] = Counter()
-        if output.exists() and output.stat().st_size > 0:
+        if work.exists() and work.stat().st_size > 0:
             if not options.resume:
-                raise FileExistsError(f"{output} exists; pass --resume to continue it or choose another --output")
+                raise FileExistsError(f"{output} exists: pass resume=True to continue it, or choose another output")
             previous = read_run_record(output)
             if previous and _scoring_settings(previous) != _scoring_settings(settings_record):
-                raise ValueError(f"{output} was made with other weights, model set or settings (see {run_record_path(output).name}); "
-                                 f"resume needs the same ones, or choose another output")
-            done = Counter(row["path"] for row in repair_and_read(output))
+                raise ValueError(f"{output} was made with other weights, model set or settings (see "
+                                 f"{run_record_path(output).name}); resume needs the same ones, or choose another output")
+            done = Counter(str(row["path"]) for row in repair_and_read(work))
         # Counted, not a set: two names can display alike (b"a\xff" and the text "a\\xff"). Rows are
         # written in input order, so the first ones with a displayed path are the ones done.
         todo = []
@@ -202,28 +238,41 @@ def scan_paths(
                 todo.append(p)
         summary.n_skipped = len(paths) - len(todo)
         write_run_record(output, {**settings_record, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        heat_dir = Path(options.heatmaps) if options.heatmaps else None
-        if heat_dir:
-            heat_dir.mkdir(parents=True, exist_ok=True)
-        names = ensemble.names if len(ensemble.members) > 1 else []
-        if heat_dir and ensemble.conv is None:
-            summary.notes.append("no heatmaps: no model of this set draws a logit map (the CLIP probe scores whole "
-                                 "views); add a convolutional member with --weights to get them")
-        elif heat_dir and not any(m is ensemble.conv for m, w in zip(ensemble.members, ensemble.weights) if w > 0):
-            summary.notes.append("no heatmaps: the convolutional member does not vote in this set, and a map of a "
-                                 "model that does not decide would mislead")
-        with ResultWriter(output, names) as writer:
-            _run(todo, ensemble, options, writer, summary, heat_dir, start)
+        with open_writer(work, names, "jsonl" if fmt == "jsonl" else "csv") as writer:
+            _run(todo, ensemble, options, writer, summary, _heat_dir(options, summary), start)
+        if fmt == "parquet":
+            _to_parquet(work, output)
     finally:
         # Unlink while still holding the lock: a scan that opened the old file then finds it
         # unlinked when it gets the lock and starts over on a new one, so two never both hold it.
         try:
-            os.unlink(f"{output}.lock")
+            os.unlink(f"{work}.lock")
         except OSError:
             pass
         lock.release()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _heat_dir(options: ScanOptions, summary: ScanSummary) -> Path | None:
+    if not options.heatmaps or summary.notes and summary.notes[-1].startswith("no heatmaps"):
+        return None
+    folder = Path(options.heatmaps)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _to_parquet(csv_path: Path, output: Path) -> None:
+    """The finished CSV as Parquet (same columns, numbers typed), written atomically; the CSV goes."""
+    import pandas as pd
+
+    table = pd.read_csv(csv_path, keep_default_na=False, dtype=str)
+    for column in table.columns:
+        if column in ("logit", "probability", "width", "height", "n_patches", "seconds") or column.startswith(
+                ("logit_", "probability_")):
+            table[column] = pd.to_numeric(table[column].replace("", None))
+    atomic_write(output, lambda tmp: table.to_parquet(tmp, index=False))
+    csv_path.unlink()
 
 
 def _scoring_settings(record: dict) -> tuple:
@@ -240,9 +289,7 @@ def _scoring_settings(record: dict) -> tuple:
 
 def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir,
          start: float) -> None:
-    from tqdm import tqdm
-
-    drawn = heat_dir is not None and not summary.notes
+    drawn = heat_dir is not None
     prepare = ensemble.transforms(options.patches, thumbnail=drawn)
     loader = in_workers(_Decoder(todo, prepare, options.max_pixels), range(len(todo)), options.workers, prefetch=4,
                         pin_memory=ensemble.device.type == "cuda")
@@ -253,7 +300,7 @@ def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, s
                 summary.first_decoded = time.perf_counter() - start
             yield item
 
-    bar = tqdm(total=len(todo), disable=not options.progress, file=sys.stderr, unit="img", dynamic_ncols=True)
+    bar = Progress(len(todo), enabled=options.progress)
     for scored in score_stream(ensemble, timed(loader), batch_size=options.batch_size, mode=options.patches.mode,
                                fusion=options.fusion):
         writer.write(_row(scored, ensemble, summary, heat_dir if drawn else None))
@@ -292,9 +339,17 @@ def scan(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> ScanSummary:
-    """Find the images in ``inputs`` and score them into ``output`` (see the module docstring)."""
+    """Find the images in ``inputs`` and score them into ``output`` (see :func:`scan_paths` for the
+    formats; the module docstring for the rest). No image found is an :class:`~detector.images.InputError`."""
     paths = find_images(inputs)
+    if not paths:
+        raise InputError(f"no image found in {', '.join(display_path(i) for i in inputs)}")
     rank, world_size = _shard_env(rank, world_size)
+    if world_size > 1 and (str(output) == "-" or output_format(output) != "csv"):
+        raise ValueError("a sharded scan writes CSV parts: give an output ending in .csv")
+    if str(output) == "-":
+        record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths)}
+        return scan_paths(paths, detector, "-", options, record=record)
     output = Path(output)
     mine = paths[rank::world_size]
     record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths), "rank": rank, "world_size": world_size}

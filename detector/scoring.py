@@ -26,11 +26,17 @@ import numpy as np
 import torch
 
 from .fusion import combine_crops
+from .images import ImageError
 from .patches import PatchSettings, encoder_views
 
-__all__ = ["ModelSet", "Preparation", "Scored", "score_stream"]
+__all__ = ["MIN_SIDE", "ModelSet", "Preparation", "Scored", "score_stream"]
 
 _THUMBNAIL = 1024
+# The smallest side scored. Below it an image carries too little for either model: fewer than two
+# 16 px CLIP patches and four 8 px cells of the ResNet's map across, upscaled (the probe) or padded
+# nowhere (a 256 px patch plan shrinks to the image). A 1x1 image scored 0.77 "fake" before this
+# bound; smaller inputs are error rows (`detector scan`) or an ImageError (the Python API).
+MIN_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Preparation:
         """The prepared image: ``plan``, ``crops`` (tensors: a worker hands them over in shared memory),
         ``views`` (one tensor per probe), ``width``, ``height`` and ``thumbnail``."""
         h, w = pixels.shape[:2]
+        if min(h, w) < MIN_SIDE:
+            raise ImageError(f"too small to carry a trace: {w}x{h} px (the shorter side must be at least {MIN_SIDE} px)")
         plan = self.settings.plan(h, w, align=self.align) if self.settings else []
         # np.array copies: decoded pixels may be read-only, and torch wants memory it may write
         crops = [torch.from_numpy(np.array(c.cut(pixels), order="C")) for c in plan]

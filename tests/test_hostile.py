@@ -277,16 +277,17 @@ def build_corpus(root: Path) -> Corpus:
            "any")
 
     # tiny, thin, odd and extreme sizes
-    c.file("1x1 PNG", "one.png", _encode(_rgb(1, 1), "PNG"), "score")
-    c.file("1x1 JPEG", "one.jpg", _encode(_rgb(1, 1), "JPEG"), "score")
-    c.file("1x1 GIF", "one.gif", _encode(_rgb(1, 1).convert("P"), "GIF"), "score")
-    c.file("1xN PNG (1x5000)", "row.png", _encode(_rgb(1, 5000), "PNG"), "score")
-    c.file("Nx1 PNG (5000x1)", "column.png", _encode(_rgb(5000, 1), "PNG"), "score")
-    c.file("extreme aspect JPEG (2x20000)", "strip.jpg", _encode(_rgb(2, 20000), "JPEG"), "score")
-    c.file("extreme aspect WebP (16000x3)", "pole.webp", _encode(_rgb(16000, 3), "WEBP"), "score")
-    c.file("smaller than a patch (17x23)", "small.png", _encode(_rgb(17, 23), "PNG"), "score")
-    c.file("8x8 JPEG", "block.jpg", _encode(_rgb(8, 8), "JPEG"), "score")
+    c.file("1x1 PNG", "one.png", _encode(_rgb(1, 1), "PNG"), "error", "too small")
+    c.file("1x1 JPEG", "one.jpg", _encode(_rgb(1, 1), "JPEG"), "error", "too small")
+    c.file("1x1 GIF", "one.gif", _encode(_rgb(1, 1).convert("P"), "GIF"), "error", "too small")
+    c.file("1xN PNG (1x5000)", "row.png", _encode(_rgb(1, 5000), "PNG"), "error", "too small")
+    c.file("Nx1 PNG (5000x1)", "column.png", _encode(_rgb(5000, 1), "PNG"), "error", "too small")
+    c.file("extreme aspect JPEG (2x20000)", "strip.jpg", _encode(_rgb(2, 20000), "JPEG"), "error", "too small")
+    c.file("extreme aspect WebP (16000x3)", "pole.webp", _encode(_rgb(16000, 3), "WEBP"), "error", "too small")
+    c.file("smaller than a patch (17x23)", "small.png", _encode(_rgb(17, 23), "PNG"), "error", "too small")
+    c.file("8x8 JPEG", "block.jpg", _encode(_rgb(8, 8), "JPEG"), "error", "too small")
     c.file("odd size (65x71)", "odd.png", _encode(_rgb(65, 71), "PNG"), "score")
+    c.file("just large enough (32x300)", "thin.png", _encode(_rgb(32, 300), "PNG"), "score")
 
     # bit depths, sample formats and colour models
     grey16 = rng.integers(0, 65536, size=(40, 48), dtype=np.uint16)

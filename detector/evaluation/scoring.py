@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +20,7 @@ import pandas as pd
 from ..ensemble import Ensemble
 from ..images import ImageError, decode_image, jpeg_quality, open_image
 from ..inference import Detector
+from ..progress import Progress
 from ..scoring import Preparation, score_stream
 from ..workers import in_workers
 from .cache import ScoreCache, settings_key
@@ -96,8 +96,6 @@ def score_all(
     The models are scored together, as one set, through the scan's path; each one's raw logit is
     cached under its own settings key.
     """
-    from tqdm import tqdm
-
     conditions = options.conditions
     described = [d.describe() for d in detectors]
     keys = {(m, c): settings_key(described[m], options, c.name if c else CLEAN)
@@ -114,8 +112,7 @@ def score_all(
                 jobs.append((i, row.path, row.sha256, c, needed))
     errors: dict[tuple[str, Perturbation | None], str] = {}
     n_scored = 0
-    bar = tqdm(total=len(jobs) * len(_sets(detectors)), disable=not options.progress, file=sys.stderr, unit="img",
-               dynamic_ncols=True)
+    bar = Progress(len(jobs) * len(_sets(detectors)), enabled=options.progress, verb="scored")
     try:
         for members in _sets(detectors):
             together = Ensemble([detectors[m] for m in members], [models[m].name for m in members])
