@@ -293,7 +293,8 @@ def scan(inputs, weights, fusion_models, output, row_format, resume, fail_on, he
                                   format=row_format or "csv")
             summary = run(inputs, detector, target, options)
         except FileExistsError:
-            _fail(f"{target} exists: `detector scan {' '.join(inputs)} --resume` continues it, -o NEW.csv starts another")
+            _fail(f"{target} exists: run the same command with --resume to continue it, or with -o NEW.csv to start "
+                  f"another")
         except (InputError, ValueError, RuntimeError) as err:
             _fail(str(err))
         click.echo(summary.line() if not verdicts_only else summary.line().rsplit(" -> ", 1)[0], err=True)
