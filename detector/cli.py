@@ -354,33 +354,39 @@ def _print_table(path: str) -> None:
 @main.command("report")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--heatmaps", type=click.Path(file_okay=False, exists=True), default=None,
-              help="The scan's --heatmaps folder: each image's overlay is shown beside its thumbnail.")
+              help="The scan's --heatmaps folder. Default: the one its run record names, if it is still there.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="The HTML file. Default: SCAN.html beside SCAN.csv, or report.html inside an evaluation folder.")
-def report_cmd(source, heatmaps, output) -> None:
+@click.option("--force", is_flag=True, help="Overwrite an existing page.")
+def report_cmd(source, heatmaps, output, force) -> None:
     """Write one self-contained HTML page for a scan CSV or an evaluation folder.
 
     SOURCE is a `detector scan` output CSV (with its .json run record beside it), or a folder written
     by `detector evaluate`. The page embeds every thumbnail and plot (no network, no external file),
-    so it can be mailed or archived; sorting, filters and pages need no server.
+    so it can be mailed or archived; sorting, filters and pages need no server. It names every model
+    with its say in the verdict and its model card, and explains the heatmaps' colours.
 
     \b
     Examples:
-      detector scan photos/ --heatmaps heat/ -o photos.csv
-      detector report photos.csv --heatmaps heat/ -o photos.html
-      detector report eval/dev_val/
+      detector scan photos/ --heatmaps heat/ -o photos.csv --weights weights/resnet50nodown_dev.safetensors
+      detector report photos.csv
+      detector report eval/dev_val/ --force
     """
     from .report import evaluation_report, is_evaluation_dir, scan_report
 
+    is_dir = Path(source).is_dir()
+    target = Path(output) if output else (Path(source) / "report.html" if is_dir else Path(source).with_suffix(".html"))
+    if target.exists() and not force:
+        _fail(f"{target} exists; pass --force to overwrite it, or -o OTHER.html")
     try:
-        if Path(source).is_dir():
+        if is_dir:
             if not is_evaluation_dir(source):
                 _fail(f"{source} is a folder but not a `detector evaluate` output (no metrics.csv and scores.csv)")
             if heatmaps:
                 _fail("--heatmaps is for scan CSVs; an evaluation report shows no heatmaps")
-            written = evaluation_report(source, output)
+            written = evaluation_report(source, target)
         else:
-            written = scan_report(source, output or Path(source).with_suffix(".html"), heatmaps)
+            written = scan_report(source, target, heatmaps)
     except (ValueError, OSError) as err:
         _fail(str(err))
     click.echo(f"report: {written}", err=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .images import InputError, find_images
+from .images import IMAGE_EXTENSIONS, InputError, find_images
 from .results import RESULT_COLUMNS
 
 __all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_genimage", "read_corvi",
@@ -55,6 +55,16 @@ def _parse_label(value: object, where: str) -> int:
     return _LABEL_WORDS[key]
 
 
+def source_name(value: object) -> object:
+    """A source as a group name: a value naming one file (``real/collection/photo.png``, as some
+    manifests write it) stands for its folder (``real/collection``), so that a source never makes one
+    group per image."""
+    if not isinstance(value, str) or not value.lower().endswith(tuple(IMAGE_EXTENSIONS)):
+        return value
+    parent = os.path.dirname(value.replace("\\", "/"))
+    return parent or value
+
+
 def _finish(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df["generator"] = [g if lab == 1 else "real" for g, lab in zip(df["generator"], df["label"])]
@@ -63,7 +73,7 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
     if "source" not in df or df["source"].isna().all():
         df["source"] = df["generator"]
     df["family"] = df["family"].fillna(df["generator"])
-    df["source"] = df["source"].fillna(df["generator"])
+    df["source"] = [source_name(v) for v in df["source"].fillna(df["generator"])]
     return df[COLUMNS + (["pair"] if "pair" in df else [])].reset_index(drop=True)
 
 

@@ -147,17 +147,30 @@ def _dl(pairs: Iterable[tuple[str, object]], cls: str = "") -> str:
 
 
 def _models_html(models: Sequence[dict]) -> str:
-    """Weights, their sha256, architecture, calibration and the model card's first paragraph."""
+    """Every model: its say in the verdict, weights, sha256, architecture, calibration and the first
+    paragraph of its model card."""
     parts = []
     for m in models:
         rows = [(k, m[k]) for k in ("name", "weights", "weights_sha256", "architecture", "device", "precision",
                                      "temperature", "threshold") if m.get(k) not in (None, "")]
+        if "weight" in m:
+            say = float(m["weight"])
+            rows.insert(1, ("say", f"weight {say:g}: " + ("decides the verdict" if say > 0 else
+                                                          "reported beside the verdict, no say in it")))
         card = _card_text(m.get("weights"))
         note = (f'<p class="card"><b>Model card:</b> {_esc(card)}</p>' if card
                 else '<p class="card na">No model card found beside these weights: read what they were trained on '
                      'before trusting a score.</p>')
-        parts.append(_dl(rows, "kv") + note)
+        parts.append(f'<div class="model" data-model="{_esc(m.get("name", ""))}">{_dl(rows, "kv")}{note}</div>')
     return "".join(parts) or '<p class="na">No run record (the .json beside the CSV) found: weights unknown.</p>'
+
+
+def _heat_legend(model: str | None) -> str:
+    """What a heatmap's colours mean, and which model drew it."""
+    drawn = f"drawn by <b>{_esc(model)}</b>" if model else "drawn by the scan's convolutional model"
+    return ('<div class="legend" id="heat-legend"><span>Heatmaps: ' + drawn + ', its calibrated probability per '
+            'region</span><span class="ramp"><span>0 real</span><span class="bar-ramp"></span><span>1 generated'
+            '</span></span><span><span class="hatch"></span> not scored (between patches)</span></div>')
 
 
 def _page(title: str, body: str, subtitle: str = "") -> str:
@@ -252,11 +265,17 @@ def _probability_threshold(detector: dict) -> float | None:
 
 
 def _detectors(record: dict) -> list[dict]:
-    """The weights a scan used: ``detector`` (one model) or ``detectors``/``models`` (several)."""
+    """The models a scan used, each a dict with its ``name`` (and ``weight`` in a model set): the
+    members of ``detector`` (a model set), ``detector`` itself (one model), or ``detectors``/``models``."""
     for key in ("detectors", "models"):
         if isinstance(record.get(key), list):
             return [m for m in record[key] if isinstance(m, dict)]
-    return [record["detector"]] if isinstance(record.get("detector"), dict) else []
+    detector = record.get("detector")
+    if not isinstance(detector, dict):
+        return []
+    if isinstance(detector.get("members"), dict):
+        return [{"name": name, **m} for name, m in detector["members"].items() if isinstance(m, dict)]
+    return [{"name": Path(str(detector.get("weights", "model"))).stem, **detector}]
 
 
 def scan_report(
@@ -279,16 +298,19 @@ def scan_report(
         raise ValueError(f"cannot read {results_csv}: {err}") from None
     if "path" not in columns or "probability" not in columns:
         raise ValueError(f"{results_csv} is not a detector scan output (no path and probability columns)")
+    record = _read_json(Path(f"{results_csv}.json"))
+    drawn = record.get("heatmaps") if isinstance(record.get("heatmaps"), dict) else {}
+    if heatmaps is None and drawn.get("folder") and Path(drawn["folder"]).is_dir():
+        heatmaps = drawn["folder"]  # the scan's own --heatmaps folder, from its run record
     heat_dir = Path(heatmaps) if heatmaps else None
     if heat_dir is not None and not heat_dir.is_dir():
         raise ValueError(f"heatmap folder not found: {heat_dir}")
-    record = _read_json(Path(f"{results_csv}.json"))
     detectors = _detectors(record)
     extra_probs = [c for c in columns if c.startswith("probability_")]
 
     labels = Counter("error" if r.get("error") else (r.get("label") or "unscored") for r in rows)
     scored = [(p, r.get("label", "")) for r in rows if (p := _float(r.get("probability"))) is not None]
-    threshold = _probability_threshold(detectors[0]) if len(detectors) == 1 else None
+    threshold = _probability_threshold(record["detector"]) if isinstance(record.get("detector"), dict) else None
 
     counts = "".join(f'<div class="count {cls}"><span>{labels.get(key, 0) if key else len(rows)}</span>{name}</div>'
                      for key, cls, name in (("", "all", "images"), ("fake", "fake", "fake"), ("real", "real", "real"),
@@ -297,7 +319,7 @@ def scan_report(
                 if not k.startswith(("detector", "models", "inputs", "started"))]
     summary = (
         f'<section id="summary"><h2>Summary</h2><div class="counts">{counts}</div>'
-        f"<h3>Weights</h3>{_models_html(detectors)}"
+        f"<h3>Models</h3>{_models_html(detectors)}"
         f"<h3>Scan</h3>{_dl([('output', results_csv.name), ('inputs', record.get('inputs', '')), ('started', record.get('started', 'unknown'))], 'kv')}"
         f'<details><summary>All settings</summary>{_dl(settings, "kv")}</details></section>'
     )
@@ -306,7 +328,7 @@ def scan_report(
 
     table_columns = [_Column("#", True), _Column("image", False)]
     if heat_dir is not None:
-        table_columns.append(_Column("heatmap", False))
+        table_columns.append(_Column(f"heatmap ({drawn['model']})" if drawn.get("model") else "heatmap", False))
     table_columns += [_Column("file", False), _Column("probability", True)]
     table_columns += [_Column(c.replace("probability_", "p: "), True) for c in extra_probs]
     table_columns += [_Column("label", False), _Column("size", True), _Column("format", False),
@@ -354,8 +376,9 @@ def scan_report(
         f'<label>rows per page <select name="pagesize"><option>100</option><option selected>{PAGE_SIZE}</option>'
         '<option>2000</option><option value="0">all</option></select></label></form>'
     )
+    legend = _heat_legend(drawn.get("model")) if heat_dir is not None else ""
     table = (
-        f'<section id="images"><h2>Images</h2>{filters}<p id="status" class="hint">{len(rows)} images. '
+        f'<section id="images"><h2>Images</h2>{filters}{legend}<p id="status" class="hint">{len(rows)} images. '
         "Click a column header to sort.</p>"
         f'<table id="results" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body_rows)}</tbody></table>'
         '<nav class="pager"><button type="button" id="prev">previous</button> <span id="page"></span> '
@@ -486,7 +509,7 @@ def evaluation_report(output_dir: str | os.PathLike, output: str | os.PathLike |
     settings = [(k, v) for k, v in _flatten(run.get("settings", {})) if not isinstance(v, dict)]
     body = (
         f'<section id="summary"><h2>Summary</h2><div class="counts">{counts}</div>'
-        f"<h3>Weights</h3>{_models_html(models)}"
+        f"<h3>Models</h3>{_models_html(models)}"
         f"<h3>Run</h3>{_dl([('inputs', run.get('inputs', '')), ('date', run.get('date', 'unknown')), ('device', run.get('device', '')), ('precision', run.get('precision', ''))], 'kv')}"
         f'<details><summary>All settings</summary>{_dl(settings, "kv")}</details></section>'
         f'<section><h2>Metrics</h2><p class="hint">Each generator\'s fakes against all reals, at the calibrated '
@@ -525,7 +548,13 @@ td.thumb img{display:block;max-width:128px;max-height:128px}
 td.file{max-width:22em;word-break:break-all}td.folder{max-width:18em;word-break:break-all;color:#555}
 td.label.fake{color:var(--fake);font-weight:600}td.label.real{color:var(--real);font-weight:600}
 td.error{color:var(--err);max-width:20em}img.plot{max-width:100%;border:1px solid var(--line)}
-.pager{margin:.6em 0}tr[hidden]{display:none}.wide{overflow-x:auto}
+.pager{margin:.6em 0}tr[hidden]{display:none}.wide{overflow-x:auto;max-width:100%}
+.wide table{width:100%;table-layout:auto}.wide th{white-space:normal}.wide td{overflow-wrap:anywhere}
+.model{margin:.4em 0 1em}.legend{display:flex;flex-wrap:wrap;gap:.4em 1.5em;align-items:center;margin:.4em 0;font-size:.9em}
+.ramp{display:inline-flex;gap:.4em;align-items:center}.bar-ramp{display:inline-block;width:10em;height:.9em;
+background:linear-gradient(90deg,rgb(0,0,255),rgb(128,0,128),rgb(255,0,0));border:1px solid #999}
+.hatch{display:inline-block;width:1.4em;height:.9em;vertical-align:middle;border:1px solid #999;
+background:repeating-linear-gradient(45deg,#464646 0 2px,#ececec 2px 6px)}
 """
 
 _SCRIPT = """

@@ -282,17 +282,24 @@ def heatmap_name(path: str | os.PathLike) -> str:
 def write_heatmap(
     folder: str | os.PathLike, path: str | os.PathLike, thumbnail: np.ndarray, logit_map: np.ndarray
 ) -> Path:
-    """Overlay the logit map on a thumbnail of the image (red = generated, blue = real)."""
+    """Overlay a calibrated logit map on a thumbnail of the image: the colour runs from blue
+    (probability 0, real) to red (1, generated); cells never scored (NaN, e.g. between the patches of
+    a large photo) keep the photo in grey under dark diagonal hatching, so they cannot be read as a
+    probability of 0.5."""
     from PIL import Image
 
     h, w = thumbnail.shape[:2]
-    finite = np.nan_to_num(logit_map, nan=0.0)
-    prob = sigmoid(finite)
-    heat = Image.fromarray((prob * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)
-    p = np.asarray(heat, dtype=np.float32)[:, :, None] / 255.0
+    scored = np.isfinite(logit_map)
+    prob = sigmoid(np.where(scored, logit_map, 0.0))
+    heat = np.asarray(Image.fromarray((prob * 255).astype(np.uint8)).resize((w, h), Image.NEAREST), np.float32)
+    seen = np.asarray(Image.fromarray(scored.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    p = heat[:, :, None] / 255.0
     colour = np.concatenate([p, np.zeros_like(p), 1.0 - p], axis=2) * 255.0
     grey = thumbnail.astype(np.float32).mean(axis=2, keepdims=True)
-    blend = (0.5 * grey + 0.5 * colour).clip(0, 255).astype(np.uint8)
+    blend = np.where(seen[:, :, None], 0.5 * grey + 0.5 * colour, 0.35 * grey + 0.65 * 235.0)
+    rows, cols = np.indices((h, w))
+    hatch = ~seen & (((rows + cols) // 3) % 4 == 0)
+    blend[hatch] = 70.0
     target = Path(folder) / heatmap_name(path)
-    atomic_write(target, lambda tmp: Image.fromarray(blend).save(tmp, format="PNG"))
+    atomic_write(target, lambda tmp: Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(tmp, format="PNG"))
     return target

@@ -176,7 +176,8 @@ def _settings_record(ensemble: Ensemble, options: ScanOptions, summary: ScanSumm
     return {**(record or {}), "detector": ensemble.describe(), "patches": patches, "fusion": options.fusion,
             "max_pixels": options.max_pixels, "probabilities_calibrated": not summary.uncalibrated,
             "uncalibrated_models": summary.uncalibrated,
-            "heatmaps": {"folder": str(options.heatmaps), "model": drawn} if options.heatmaps and drawn else None}
+            "heatmaps": {"folder": str(Path(options.heatmaps).resolve()), "model": drawn}
+            if options.heatmaps and drawn else None}
 
 
 def scan_paths(
@@ -322,7 +323,8 @@ def _row(scored: Scored, ensemble: Ensemble, summary: ScanSummary, heat_dir) -> 
     if len(ensemble.members) > 1:
         result.models = {n: (v.logit, v.probability) for n, v in verdict.members.items()}
     if heat_dir is not None and verdict.logit_map is not None and item.get("thumbnail") is not None:
-        write_heatmap(heat_dir, item["path"], item["thumbnail"], verdict.logit_map)
+        conv = ensemble.conv  # the map in its model's calibrated terms: red where it calls generated
+        write_heatmap(heat_dir, item["path"], item["thumbnail"], (verdict.logit_map - conv.threshold) / conv.temperature)
     if verdict.label == "fake":
         summary.n_fake += 1
     else:

@@ -24,6 +24,9 @@ __all__ = ["METRIC_COLUMNS", "Group", "ModelSpec", "breakdown_groups", "fuse_mod
 METRIC_COLUMNS = ["group", "model", "metric", "value"]
 RESERVED_GROUPS = ("all", "average")
 _SIZE_EDGES = (256, 512, 1024, 2048)
+# A group whose own images (a generator's fakes, a source's reals) are fewer than this gets no
+# bootstrap interval (one image gives [1.000, 1.000]) and a ``small`` mark in the tables.
+MIN_GROUP = 5
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,12 @@ def group_metrics(
         per_generator, generator_fakes = [], []
         for group in groups:
             keep = group.mask & valid
+            small = _own_images(group, keep, labels) < MIN_GROUP
             values = M.summary(labels[keep], scores[keep], threshold=model.threshold, temperature=model.temperature,
-                               n_boot=n_boot, seed=seed)
+                               n_boot=0 if small else n_boot, seed=seed)
             rows.extend((group.name, model.name, k, float(v)) for k, v in values.items())
+            if small:
+                rows.append((group.name, model.name, "small", 1.0))
             if group.kind == "generator":
                 per_generator.append(values)
                 generator_fakes.append(scores[keep & (labels == 1)])
@@ -166,10 +172,21 @@ def group_metrics(
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
+def _own_images(group: Group, keep: np.ndarray, labels: np.ndarray) -> int:
+    """The images that make a group what it is: a generator's or family's fakes, a source's reals, or all."""
+    if group.kind in ("generator", "family"):
+        return int((keep & (labels == 1)).sum())
+    if group.kind == "real-source":
+        return int((keep & (labels == 0)).sum())
+    return int(keep.sum())
+
+
 def with_fusion(frames: dict[str, pd.DataFrame], models: Sequence[ModelSpec], rule: str,
                 weights: Sequence[float] | None = None) -> list[ModelSpec]:
-    """Add the fused column to every frame when there are several models; the models to report."""
-    if len(models) < 2:
+    """Add the fused column to every frame when more than one model votes (weight > 0); the models to
+    report. With one voting model the fused column would repeat its rows."""
+    voting = len(models) if weights is None else sum(1 for w in weights if w > 0)
+    if len(models) < 2 or voting < 2:
         return list(models)
     fused = None
     for df in frames.values():

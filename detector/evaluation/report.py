@@ -18,7 +18,7 @@ from ..datasets import COLUMNS
 from ..results import software_versions
 from .bias import bias_warnings
 from .conditions import CLEAN, EvalOptions
-from .groups import METRIC_COLUMNS, ModelSpec, breakdown_groups, group_metrics, metric_groups, with_fusion
+from .groups import METRIC_COLUMNS, MIN_GROUP, ModelSpec, breakdown_groups, group_metrics, metric_groups, with_fusion
 from .plots import plot_roc, plot_scores
 
 __all__ = ["OUTPUT_FILES", "EvalResult", "summary_table", "write_report"]
@@ -80,7 +80,8 @@ class EvalResult:
 
     def line(self) -> str:
         return (f"{self.n_images} images ({self.n_errors} unreadable), {self.n_scored} scores computed, "
-                f"{self.n_reused} taken from the cache, in {self.seconds:.1f} s -> {self.output_dir}")
+                f"{self.n_reused} taken from the cache, in {self.seconds:.1f} s -> {self.output_dir}\n"
+                f"report: {Path(self.output_dir) / 'report.html'} (open it in a browser)")
 
 
 _SCORE_COLUMNS = [*COLUMNS, "format", "width", "height", "jpeg_quality", "bytes", "sha256", "error"]
@@ -146,9 +147,16 @@ def summary_table(metrics: pd.DataFrame) -> str:
     table["AUC [95% CI]"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{a:.3f}"
                              for a, lo, hi in zip(table["auc"], table["auc_low"], table["auc_high"])]
     table = table.drop(columns=["auc", "auc_low", "auc_high"]).rename(columns=shown)
+    small = set(metrics.loc[metrics["metric"] == "small", "group"])
+    if small:  # groups of fewer than MIN_GROUP images of their own: no interval, and said so
+        table.index = table.index.set_levels([f"{g} (<{MIN_GROUP})" if g in small else g for g in table.index.levels[0]],
+                                             level=0)
     for c in ("reals", "fakes"):
         table[c] = table[c].map(lambda v: f"{v:.0f}")
     order = ["reals", "fakes", "AUC [95% CI]", "AP", "bAcc", "acc real", "acc fake", "EER", "Pd@5%"]
     table = table[[c for c in order if c in table.columns]].rename_axis(columns=None)
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
-        return table.to_string()
+        text = table.to_string()
+    if small:
+        text += f"\n(<{MIN_GROUP}): fewer than {MIN_GROUP} images of its own (a generator's fakes, a source's reals): no interval"
+    return text

@@ -72,7 +72,8 @@ def evaluate(
         scored = inspect_all(table[COLUMNS], options.workers)
         frames, work = score_all(scored, detectors, models, options, cache)
         record = {"inputs": list(inputs), "device": str(detectors[0].device), "precision": detectors[0].precision,
-                  "models": {m.name: d.describe() for m, d in zip(models, detectors)},
+                  "models": {m.name: {**d.describe(), "weight": w} for m, d, w in
+                             zip(models, detectors, options.model_weights or [1.0] * len(detectors))},
                   "cache": {**work, "entries": len(cache), "damaged_rows_skipped": cache.n_damaged}}
         result = write_report(frames, models, output_dir, options, record)
     result.n_scored, result.n_reused = work["scored"], work["reused"]
