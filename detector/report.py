@@ -122,6 +122,8 @@ def _card_text(weights: str | None) -> str | None:
     if not weights:
         return None
     text = model_card_summary(weights)
+    if text is None and Path(weights).parent.suffix == ".export":  # an export's model: the card of its checkpoint
+        text = model_card_summary(Path(weights).parent)
     if text is None:
         try:
             bundled = default_weights_path(Path(weights).name)
@@ -274,7 +276,8 @@ def _detectors(record: dict) -> list[dict]:
     if not isinstance(detector, dict):
         return []
     if isinstance(detector.get("members"), dict):
-        return [{"name": name, **m} for name, m in detector["members"].items() if isinstance(m, dict)]
+        members = [{"name": name, **m} for name, m in detector["members"].items() if isinstance(m, dict)]
+        return sorted(members, key=lambda m: -float(m.get("weight", 1.0)))  # the deciding ones first
     return [{"name": Path(str(detector.get("weights", "model"))).stem, **detector}]
 
 

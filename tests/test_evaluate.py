@@ -496,3 +496,43 @@ def test_wild_conditions_chain_and_keep_both_classes_alike():
     for bad in ("center:4", "screenshot:10", "webp:0", "center:256+jpeg:90,80"):
         with pytest.raises(ValueError):
             parse_perturbations([bad])
+
+
+def test_sources_that_name_files_group_by_their_folder(tmp_path):
+    rows = ["path,label,generator,source"]
+    for k in range(6):
+        rows.append(f"r{k}.png,0,real,real/collection-{k % 2}/photo{k}.png")
+    rows += [f"f{k}.png,1,gan,gan" for k in range(6)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    table = read_labelled(tmp_path / "m.csv")
+    assert sorted(set(table.loc[table.label == 0, "source"])) == ["real/collection-0", "real/collection-1"]
+    from detector.evaluation import metric_groups
+
+    names = [g.name for g in metric_groups(table.assign(format="PNG", width=64, height=64))]
+    assert names.count("real:real/collection-0") == 1 and not any(n.endswith(".png") for n in names)
+
+
+def test_small_groups_get_no_interval_and_are_marked():
+    from detector.evaluation import Group, ModelSpec, group_metrics, summary_table
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"label": [0] * 20 + [1] * 23, "logit_m": np.r_[rng.normal(0, 1, 20), rng.normal(2, 1, 23)],
+                       "generator": ["real"] * 20 + ["big"] * 20 + ["tiny"] * 3})
+    real = (df["label"] == 0).to_numpy()
+    groups = [Group(g, "generator", real | (df["generator"] == g).to_numpy()) for g in ("big", "tiny")]
+    metrics = group_metrics(df, [ModelSpec("m")], groups, n_boot=50, average=False)
+    value = metrics.set_index(["group", "metric"])["value"]
+    assert np.isfinite(value[("big", "auc_low")]) and not np.isfinite(value[("tiny", "auc_low")])
+    assert ("tiny", "small") in value.index and ("big", "small") not in value.index
+    table = summary_table(metrics)
+    assert "tiny (<5)" in table and "big (<5)" not in table and "no interval" in table
+
+
+def test_fused_rows_only_when_several_models_vote():
+    from detector.evaluation import ModelSpec
+    from detector.evaluation.groups import with_fusion
+
+    frame = pd.DataFrame({"logit_a": [0.1, 2.0], "logit_b": [1.0, -1.0]})
+    models = [ModelSpec("a"), ModelSpec("b")]
+    assert [m.name for m in with_fusion({"clean": frame.copy()}, models, "mean", [1.0, 0.0])] == ["a", "b"]
+    assert [m.name for m in with_fusion({"clean": frame.copy()}, models, "mean", [1.0, 1.0])] == ["a", "b", "fused"]

@@ -299,3 +299,59 @@ def test_browser_evaluation_report(browser, tmp_path):
     _open(browser, evaluation_report(tmp_path / "eval"))
     assert browser.execute_script("return document.images.length") == 2 + 6  # plots, worst 3 reals + 3 fakes
     assert _broken_images(browser) == []
+
+
+@pytest.mark.browser
+def test_browser_report_names_every_member_with_its_card_and_explains_heatmaps(browser, tmp_path, checkpoint):
+    """A model set of a voting ResNet and a silent CLIP probe: the page lists both with their say and
+    a model card, and the heatmaps carry a legend naming the model that drew them."""
+    from detector.checkpoints import with_metadata
+
+    probe = Path(__file__).resolve().parent.parent / "weights" / "clip_probe_vitb16.safetensors"
+    if not (probe.parent / "clip_vitb16.int8.onnx").is_file():
+        pytest.skip("the CLIP encoder is not in weights/ (`make` fetches it)")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    with_metadata(checkpoint, weights / "voting.safetensors", {"calibration": {"temperature": 1.0, "threshold": 0.0}})
+    shutil.copy(probe, weights / "silent.safetensors")
+    (weights / "MODEL_CARD.md").write_text("# Card\n\nTest weights: they know nothing.\n")
+    (weights / "set.json").write_text(json.dumps({"models": [{"name": "voting", "weights": "voting.safetensors"},
+                                                             {"name": "silent", "weights": "silent.safetensors",
+                                                              "weight": 0.0}]}))
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(3):
+        Image.fromarray(noise_image(64, 96, seed=k)).save(images / f"{k}.png")
+    out = tmp_path / "scan.csv"
+    done = CliRunner().invoke(main, ["scan", str(images), "--weights", str(weights / "set.json"), "--members", "all",
+                                     "-o", str(out), "--heatmaps", str(tmp_path / "heat"), "--patch-size", "32",
+                                     "--num-patches", "2", "--workers", "0", "-q", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    page = tmp_path / "scan.html"
+    assert CliRunner().invoke(main, ["report", str(out), "-o", str(page)]).exit_code == 0  # heatmaps from the record
+    refused = CliRunner().invoke(main, ["report", str(out), "-o", str(page)])
+    assert refused.exit_code != 0 and "--force" in refused.output
+    _open(browser, page)
+    models = browser.execute_script(
+        "return [...document.querySelectorAll('.model')].map(m => [m.dataset.model, m.innerText])")
+    assert [name for name, _ in models] == ["voting", "silent"]
+    assert "decides the verdict" in models[0][1] and "no say in it" in models[1][1]
+    assert all("Test weights: they know nothing." in text for _, text in models)
+    legend = browser.execute_script("const l = document.getElementById('heat-legend'); "
+                                    "return l && l.offsetWidth > 0 ? l.innerText : null")
+    assert legend and "voting" in legend and "not scored" in legend and "generated" in legend
+    header = browser.execute_script("return [...document.querySelectorAll('#results th')].map(t => t.innerText)")
+    assert "heatmap (voting)" in header
+    assert _broken_images(browser) == []
+
+
+@pytest.mark.browser
+def test_browser_evaluation_tables_fit_1400_px(browser, tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(noise_image(32, 32)).save(image)
+    _fake_evaluation(tmp_path / "eval", image)
+    browser.set_window_size(1400, 900)
+    _open(browser, evaluation_report(tmp_path / "eval"))
+    widest = browser.execute_script("return Math.max(...[...document.querySelectorAll('.wide')].map(w => w.scrollWidth"
+                                    " - w.clientWidth))")
+    assert widest <= 1 and browser.execute_script("return document.documentElement.scrollWidth") <= 1400
