@@ -151,7 +151,7 @@ def _dl(pairs: Iterable[tuple[str, object]], cls: str = "") -> str:
 def _models_html(models: Sequence[dict]) -> str:
     """Every model: its say in the verdict, weights, sha256, architecture, calibration and the first
     paragraph of its model card."""
-    parts = []
+    parts, shown = [], set()
     for m in models:
         rows = [(k, m[k]) for k in ("name", "weights", "weights_sha256", "architecture", "device", "precision",
                                      "temperature", "threshold") if m.get(k) not in (None, "")]
@@ -160,9 +160,11 @@ def _models_html(models: Sequence[dict]) -> str:
             rows.insert(1, ("say", f"weight {say:g}: " + ("decides the verdict" if say > 0 else
                                                           "reported beside the verdict, no say in it")))
         card = _card_text(m.get("weights"))
-        note = (f'<p class="card"><b>Model card:</b> {_esc(card)}</p>' if card
+        note = ('<p class="card"><b>Model card:</b> the one shown above (one card covers these weights).</p>'
+                if card in shown else f'<p class="card"><b>Model card:</b> {_esc(card)}</p>' if card
                 else '<p class="card na">No model card found beside these weights: read what they were trained on '
                      'before trusting a score.</p>')
+        shown.add(card)
         parts.append(f'<div class="model" data-model="{_esc(m.get("name", ""))}">{_dl(rows, "kv")}{note}</div>')
     return "".join(parts) or '<p class="na">No run record (the .json beside the CSV) found: weights unknown.</p>'
 

@@ -336,7 +336,8 @@ def test_browser_report_names_every_member_with_its_card_and_explains_heatmaps(b
         "return [...document.querySelectorAll('.model')].map(m => [m.dataset.model, m.innerText])")
     assert [name for name, _ in models] == ["voting", "silent"]
     assert "decides the verdict" in models[0][1] and "no say in it" in models[1][1]
-    assert all("Test weights: they know nothing." in text for _, text in models)
+    assert "Model card: Test weights: they know nothing." in models[0][1]
+    assert "Model card: the one shown above" in models[1][1]  # one card for both files: shown once
     legend = browser.execute_script("const l = document.getElementById('heat-legend'); "
                                     "return l && l.offsetWidth > 0 ? l.innerText : null")
     assert legend and "voting" in legend and "not scored" in legend and "generated" in legend
