@@ -490,6 +490,61 @@ def _describe_checkpoint(checkpoint: Path, architecture: str | None):
     return info, lines
 
 
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 127.0.0.1 serves this machine only (0.0.0.0: every interface, put auth first).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--weights", type=click.Path(), default=None,
+              help="A checkpoint, probe, export folder or model-set JSON. Default: the bundled model set.")
+@click.option("--members", default="voting", show_default=True, metavar="voting|all|NAME[,NAME]",
+              help="Members of the model set to compute (see scan).")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Require 'Authorization: Bearer TOKEN', the file's first line (default: $DETECTOR_TOKEN if set, "
+                   "else no auth).")
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=50.0, show_default=True,
+              help="Larger request bodies get 413 before they are read.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="How long a request waits for others to share its batch.")
+@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True, help="Images per scoring batch.")
+@click.option("--queue", "queue_size", type=click.IntRange(1), default=64, show_default=True,
+              help="Images waiting to be scored, at most; beyond it requests get 503 with Retry-After.")
+@click.option("--decode-workers", type=click.IntRange(0), default=2, show_default=True,
+              help="Processes decoding uploads (0: in a thread of the server).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=1 << 28, show_default=True,
+              help="Refuse images with more pixels (decompression bombs) with 422.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads of the networks.")
+def serve_cmd(host, port, weights, members, token_file, max_body_mb, batch_wait_ms, max_batch, queue_size, decode_workers,
+              max_pixels, device, threads) -> None:
+    """Serve the detector over HTTP (FastAPI on uvicorn: pip install 'detector[serve]').
+
+    \b
+    POST /v1/scan          one image: the raw body (Content-Type image/*) or the multipart field 'file'
+    POST /v1/scan/batch    several images: multipart, one 'files' field each
+    GET  /healthz /readyz /metrics (Prometheus) /v1/detector (what scores)
+
+    \b
+    Example:
+      detector serve --port 8000 &
+      curl -s -H 'Content-Type: image/jpeg' --data-binary @photo.jpg http://127.0.0.1:8000/v1/scan
+    """
+    from .serve import ServeOptions, read_token, serve
+
+    try:
+        token = read_token(token_file)
+        options = ServeOptions(max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
+                               queue_size=queue_size, decode_workers=decode_workers, max_pixels=max_pixels, token=token)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        _warn(f"serving on {host} without a token: anyone who reaches it can use it (--token-file or $DETECTOR_TOKEN)")
+    model = _load((weights,) if weights else (), None, device, "auto", threads=threads, members=members)
+    try:
+        serve(model, host, port, options, log=lambda m: click.echo(m, err=True))
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+
+
 @main.command("download")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Where to write the encoder. Default: ~/.cache/detector/ (or $XDG_CACHE_HOME/detector/), where the "

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "as_pixels",
+    "decode_bytes",
     "DECODED_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
@@ -248,13 +249,29 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
                              else "is a directory")
         if not stat.S_ISREG(kind):  # reading a FIFO would block forever, a device never end
             raise ImageError("not a regular file (a pipe, socket or device)")
-        with open(path, "rb") as fp, open_image(fp, str(path)) as img:
+        with open(path, "rb") as fp:
+            return _decode_stream(fp, path.name, max_pixels)
+    except FileNotFoundError:
+        raise ImageError("file not found (or a dangling symlink)") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+
+
+def decode_bytes(data: bytes, name: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """:func:`decode_image` of an image held in memory (an upload); ``name`` only words errors."""
+    return _decode_stream(io.BytesIO(data), name, max_pixels)
+
+
+def _decode_stream(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
+    """Decode an open binary stream (see :func:`decode_image`); every failure is an :class:`ImageError`."""
+    try:
+        with open_image(fp, name) as img:
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageError(f"empty image ({w}x{h})")
             if w * h > max_pixels:
                 raise ImageError(f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-            fmt = img.format or path.suffix.lstrip(".").upper()
+            fmt = img.format or Path(name).suffix.lstrip(".").upper()
             mode = img.mode
             quality = jpeg_quality(img) if fmt in ("JPEG", "MPO") else None
             img.seek(0)
@@ -262,12 +279,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
             pixels = _to_rgb(img)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("file not found (or a dangling symlink)") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
     except Image.UnidentifiedImageError:
-        if not HEIF_SUPPORTED and path.suffix.lower() in (".heic", ".heif"):
+        if not HEIF_SUPPORTED and Path(name).suffix.lower() in (".heic", ".heif"):
             raise ImageError("HEIC/HEIF needs the optional package pillow-heif: pip install 'detector[heif]'") from None
         raise ImageError("not an image file (unrecognised or unsupported format)") from None
     except Image.DecompressionBombError as err:  # a GIF frame or crop beyond Pillow's own process-wide limit
