@@ -167,8 +167,8 @@ def create_app(model: Ensemble, options: ServeOptions = ServeOptions()):
         yield
         state["ready"] = False
         batcher.task.cancel()
-        if state["pool"] is not None:
-            state["pool"].shutdown(wait=False, cancel_futures=True)
+        if state["pool"] is not None:  # the decode workers go with the server, none is left behind
+            await asyncio.to_thread(state["pool"].shutdown, wait=True, cancel_futures=True)
 
     app = fastapi.FastAPI(title="detector", version=str(described.get("architecture", "")), lifespan=lifespan,
                           docs_url=None, redoc_url=None, openapi_url=None)
@@ -315,8 +315,7 @@ def serve(model: Ensemble, host: str = "127.0.0.1", port: int = 8000, options: S
         app.state.serve["draining"] = True  # new requests: 503; uvicorn lets the ones in flight finish
         original(sig, frame)
 
-    server.handle_exit = drain
+    server.handle_exit = drain  # uvicorn re-raises the signal once drained: the exit status says SIGTERM
     log(f"detector serve: http://{host}:{port} (POST /v1/scan, /v1/scan/batch; GET /healthz, /readyz, /metrics, "
         f"/v1/detector){' with bearer-token auth' if options.token else ''}; Ctrl-C or SIGTERM stops it")
-    server.run()
-    log("detector serve: stopped")
+    server.run()  # returns after a graceful stop by Ctrl-C (SIGTERM ends the process once drained)

@@ -149,3 +149,64 @@ def test_requests_arriving_together_share_batches_and_a_full_queue_says_503(mode
         busy = [a for a in answers if a.status_code == 503]
         assert busy and all(a.headers.get("Retry-After") for a in busy)
         assert json.loads(busy[0].text)["error"].startswith("busy")
+
+
+def test_a_served_default_detector_agrees_with_a_local_scan_and_stops_on_sigterm(tmp_path):
+    """The service in its own process on a free loopback port, as a user starts it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from .conftest import ROOT
+
+    if not (ROOT / "weights" / "clip_vitb16.int8.onnx").is_file():
+        pytest.skip("the default detector's CLIP encoder is not in weights/ (`make` fetches it)")
+    sample = ROOT / "data" / "samples" / "real_camera.png"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = _spawned()
+    log = tmp_path / "serve.log"  # a file, not a pipe: reading a pipe would wait on every process holding it
+    server = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--port", str(port), "--decode-workers", "1"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+            assert server.poll() is None, log.read_text()
+        served = httpx.post(f"{base}/v1/scan", content=sample.read_bytes(), headers={"Content-Type": "image/png"},
+                            timeout=120).json()
+        bad = httpx.post(f"{base}/v1/scan", content=b"nope", headers={"Content-Type": "image/png"}, timeout=60)
+        assert bad.status_code == 422 and bad.json()["error"]
+        again = httpx.post(f"{base}/v1/scan", content=sample.read_bytes(), headers={"Content-Type": "image/png"},
+                           timeout=120)
+        assert again.status_code == 200  # still serving after a bad request
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'detector_requests_total{endpoint="/v1/scan",status="200"} 2.0' in metrics
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    assert code in (0, -signal.SIGTERM), log.read_text()  # drained, then ended by the signal it was sent
+    assert "Traceback" not in log.read_text()
+    time.sleep(1)
+    assert _spawned() <= before  # no decode worker left behind
+    out = tmp_path / "local.csv"
+    subprocess.run([sys.executable, "-m", "detector.cli", "scan", str(sample), "-o", str(out), "-q", "--workers", "0"],
+                   cwd=ROOT, check=True, capture_output=True)
+    local = json.loads(json.dumps(__import__("pandas").read_csv(out).iloc[0].to_dict()))
+    assert abs(served["logit"] - local["logit"]) <= 1e-4 and served["label"] == local["label"]
+
+
+def _spawned() -> set[str]:
+    """Process ids of multiprocessing's spawned children on this machine (decode workers among them)."""
+    import subprocess
+
+    return set(subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout.split())
