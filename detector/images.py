@@ -255,6 +255,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise ImageError("file not found (or a dangling symlink)") from None
     except PermissionError:
         raise ImageError("permission denied") from None
+    except OSError as err:  # a symlink loop, a name too long, an I/O error
+        raise ImageError(f"cannot decode: {err.strerror or type(err).__name__}") from None
 
 
 def decode_bytes(data: bytes, name: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:

@@ -187,10 +187,11 @@ def scan_paths(
     options: ScanOptions = ScanOptions(),
     *,
     record: dict | None = None,
+    fmt: str | None = None,
 ) -> ScanSummary:
     """Score ``paths`` into ``output`` (one rank's share when sharded): a ``.csv``, ``.jsonl`` or
-    ``.parquet`` file (see :func:`detector.results.output_format`), or ``-`` for standard output
-    (rows in ``options.format``, no run record, no resume)."""
+    ``.parquet`` file (``fmt``, by default from the suffix: see :func:`detector.results.output_format`),
+    or ``-`` for standard output (rows in ``options.format``, no run record, no resume)."""
     ensemble = _as_ensemble(detector)
     start = time.perf_counter()
     summary = ScanSummary(output=str(output), n_files=len(paths))
@@ -206,7 +207,7 @@ def scan_paths(
         summary.seconds = time.perf_counter() - start
         return summary
     output = Path(output)
-    fmt = output_format(output)
+    fmt = fmt or output_format(output)
     # parquet is written whole at the end, from a CSV streamed (and resumable) beside it
     work = output.with_name(output.name + ".partial.csv") if fmt == "parquet" else output
     if fmt == "parquet":
@@ -355,7 +356,8 @@ def scan(
     output = Path(output)
     mine = paths[rank::world_size]
     record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths), "rank": rank, "world_size": world_size}
-    summary = scan_paths(mine, detector, shard_path(output, rank, world_size), options, record=record)
+    summary = scan_paths(mine, detector, shard_path(output, rank, world_size), options, record=record,
+                         fmt=output_format(output))
     if world_size > 1:
         _barrier()
         if rank == 0:

@@ -47,7 +47,7 @@ def test_scan_cli_writes_csv(tmp_path, checkpoint):
                                        "--patch-size", "64", "--workers", "0", "-q", "--table"])
     assert result.exit_code == 0, result.output
     assert "1 fake" in result.output or "1 real" in result.output
-    assert "1 errors" in result.output
+    assert "1 error in" in result.output
     import pandas as pd
 
     from detector.inference import Detector
