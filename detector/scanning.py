@@ -202,7 +202,7 @@ def scan_paths(
             raise ValueError("resume needs an output file, not standard output")
         summary.output = "standard output"
         writer = open_writer(sys.stdout, names, options.format)
-        _run(list(paths), ensemble, options, writer, summary, _heat_dir(options, summary), start)
+        _run(list(paths), ensemble, options, writer, summary, _heat_dir(settings_record), start)
         writer.close()
         summary.seconds = time.perf_counter() - start
         return summary
@@ -241,7 +241,7 @@ def scan_paths(
         summary.n_skipped = len(paths) - len(todo)
         write_run_record(output, {**settings_record, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         with open_writer(work, names, "jsonl" if fmt == "jsonl" else "csv") as writer:
-            _run(todo, ensemble, options, writer, summary, _heat_dir(options, summary), start)
+            _run(todo, ensemble, options, writer, summary, _heat_dir(settings_record), start)
         if fmt == "parquet":
             _to_parquet(work, output)
     finally:
@@ -256,10 +256,11 @@ def scan_paths(
     return summary
 
 
-def _heat_dir(options: ScanOptions, summary: ScanSummary) -> Path | None:
-    if not options.heatmaps or summary.notes and summary.notes[-1].startswith("no heatmaps"):
+def _heat_dir(settings_record: dict) -> Path | None:
+    """The heatmap folder, created, when the run record names a model that draws the maps."""
+    if not settings_record.get("heatmaps"):
         return None
-    folder = Path(options.heatmaps)
+    folder = Path(settings_record["heatmaps"]["folder"])
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -77,10 +77,8 @@ def in_workers(
 
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, e.g. a container's or ``taskset``'s)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    cpus = _affinity()
+    return len(cpus) if cpus else os.cpu_count() or 1
 
 
 def _cpu_jiffies(cpus: set[int] | None = None) -> tuple[int, int] | None:
