@@ -55,8 +55,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 __all__ = ["EVIDENCE", "STRENGTHS", "TEXT_MAX_BYTES", "WATERMARK_MAX_PIXELS", "XMP_MAX_BYTES", "Finding",
-           "deciding", "findings_from_json", "findings_to_json", "missing_packages", "read_provenance", "strongest",
-           "watermark_bit_errors"]
+           "deciding", "evidence_tags", "findings_from_json", "findings_to_json", "missing_packages", "read_provenance",
+           "strongest", "watermark_bit_errors"]
 
 STRENGTHS = ("proof-of-generation", "hint", "camera-claim", "none")  # strongest first
 EVIDENCE = STRENGTHS[:3]  # the strengths that count as evidence (``none`` is reported, never counted)
@@ -75,9 +75,11 @@ _SHOWN = 160  # characters of any text from the file that a finding shows
 WATERMARK_MAX_PIXELS = 1 << 22
 WATERMARK_MIN_SIDE = 256
 # A payload counts as found when at most this many of its bits differ from the pattern. Chosen from
-# benchmarks/watermark_robustness.py: on real photos the closest decoding was far above these bounds,
-# and the marked images as stored decoded with 0 bit errors (see README, "Provenance evidence").
-WATERMARK_MAX_BIT_ERRORS = {136: 8, 48: 2}
+# benchmarks/watermark_robustness.py (README, "Provenance evidence"): on 276 real photos the closest
+# decodings were 58 of 136 and 15 of 48 bits off, while photos marked here and stored losslessly
+# decoded with a median of 13 of 136 and 1 of 48 bits off (the DWT-DCT mark does not take on smooth
+# areas). A random payload falls within these bounds with odds below 1e-13 (136 bits) and 1e-7 (48).
+WATERMARK_MAX_BIT_ERRORS = {136: 24, 48: 6}
 
 
 def _bits(value: int, n: int) -> np.ndarray:
@@ -160,6 +162,12 @@ def deciding(findings: Iterable[Finding]) -> Finding | None:
     return next((f for f in sorted(findings, key=_rank) if f.strength == "proof-of-generation"), None)
 
 
+def evidence_tags(findings: Iterable[Finding]) -> str:
+    """The evidence among ``findings`` as ``kind:strength`` tags joined by ``;`` (sorted, each once; ``""``
+    for none): a compact column for tables (``detector evaluate``'s bias guards)."""
+    return ";".join(sorted({f"{f.kind}:{f.strength}" for f in findings if f.is_evidence}))
+
+
 def findings_to_json(findings: Sequence[Finding]) -> str:
     """The findings as a JSON list (the ``provenance_detail`` column), strongest first; ``""`` for none."""
     if not findings:
@@ -170,7 +178,7 @@ def findings_to_json(findings: Sequence[Finding]) -> str:
 def findings_from_json(text: str) -> list[Finding]:
     """The inverse of :func:`findings_to_json`; entries that are not findings are skipped (a hand-edited file)."""
     try:
-        entries = json.loads(text) if text else []
+        entries = json.loads(text) if isinstance(text, str) and text else []
     except ValueError:
         return []
     out = []
