@@ -38,6 +38,8 @@ _EXPORTS = {
     "create_model": "models",
     "list_models": "models",
     "PatchSettings": "patches",
+    "Finding": "provenance",
+    "read_provenance": "provenance",
     "default_weights_path": "resources",
     "ScanOptions": "scanning",
     "scan": "scanning",
@@ -72,5 +74,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .inference import Detector, Prediction
     from .models import create_model, list_models
     from .patches import PatchSettings
+    from .provenance import Finding, read_provenance
     from .resources import default_weights_path
     from .scanning import ScanOptions, scan

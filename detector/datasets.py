@@ -35,12 +35,15 @@ import numpy as np
 import pandas as pd
 
 from .images import IMAGE_EXTENSIONS, InputError, find_images
+from .provenance import evidence_tags, findings_from_json
 from .results import RESULT_COLUMNS
 
 __all__ = ["COLUMNS", "read_labelled", "read_manifest", "read_cnndetection", "read_genimage", "read_corvi",
            "read_scan_output", "is_scan_output", "split_by_source", "folder_label", "class_counts"]
 
 COLUMNS = ["path", "label", "generator", "family", "source"]
+# the first columns of every scan output, before and since the provenance columns
+_SCAN_HEADER = RESULT_COLUMNS[: RESULT_COLUMNS.index("error") + 1]
 # Folder names that mark real photos in the Corvi layout: real, reals, 0_real, real_<source>.
 _REAL_FOLDER = re.compile(r"(0_)?reals?|real_.+", re.IGNORECASE)
 _LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1, "generated": 1, "synthetic": 1, "0_real": 0, "1_fake": 1}
@@ -228,7 +231,7 @@ def is_scan_output(path: str | os.PathLike) -> bool:
         return False
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
         header = next(csv.reader(fh), None) or []
-        return header[: len(RESULT_COLUMNS)] == RESULT_COLUMNS
+        return header[: len(_SCAN_HEADER)] == _SCAN_HEADER
 
 
 def _path_key(path: str | os.PathLike) -> str:
@@ -241,7 +244,8 @@ def read_scan_output(results_csv: str | os.PathLike, labels: pd.DataFrame) -> pd
     A scan row is matched to a label by its path, taken relative to the working folder and, failing
     that, to the scan CSV's folder. Rows without a label are dropped with a warning; labelled
     images the scan lacks are left out. Returns :data:`COLUMNS` plus the scan's ``logit``,
-    ``format``, ``width``, ``height`` and ``error`` (``logit`` NaN where the scan failed).
+    ``format``, ``width``, ``height``, ``error`` (``logit`` NaN where the scan failed) and ``provenance``
+    (its evidence as :func:`detector.provenance.evidence_tags`).
     """
     results_csv = Path(results_csv)
     if not is_scan_output(results_csv):
@@ -269,6 +273,8 @@ def read_scan_output(results_csv: str | os.PathLike, labels: pd.DataFrame) -> pd
     df["width"] = [int(r.width) if r.width else np.nan for _, r in matched]
     df["height"] = [int(r.height) if r.height else np.nan for _, r in matched]
     df["error"] = [r.error for _, r in matched]
+    # the scan's provenance evidence, for the bias guards (scans before it have no such column)
+    df["provenance"] = [evidence_tags(findings_from_json(getattr(r, "provenance_detail", ""))) for _, r in matched]
     return df
 
 

@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .provenance import EVIDENCE
+
 __all__ = ["scan_report", "evaluation_report", "is_evaluation_dir", "THUMBNAIL_PX", "PAGE_SIZE"]
 
 THUMBNAIL_PX = 128  # longest side of thumbnails and heatmaps in the page
@@ -259,6 +261,24 @@ def _histogram(probabilities: Sequence[tuple[float, str]], threshold: float | No
     return "".join(parts)
 
 
+def _evidence(detail: str) -> list:
+    """The provenance findings of a row's ``provenance_detail`` (strongest first)."""
+    from .provenance import findings_from_json
+
+    return findings_from_json(detail)
+
+
+def _provenance_cell(findings: Sequence) -> str:
+    """The strongest finding, its strength as a badge, the others under a disclosure."""
+    if not findings:
+        return '<td class="prov"><span class="na">none found</span></td>'
+    first, rest = findings[0], findings[1:]
+    badge = f'<span class="badge {_esc(first.strength)}">{_esc(first.strength)}</span> '
+    more = "".join(f"<li>{_esc(f.strength)}: {_esc(f.text)}</li>" for f in rest)
+    return (f'<td class="prov">{badge}{_esc(first.text)}'
+            + (f"<details><summary>{len(rest)} more</summary><ul>{more}</ul></details>" if rest else "") + "</td>")
+
+
 def _probability_threshold(detector: dict) -> float | None:
     """The calibrated threshold on the probability scale: 0.5, where the logit reaches the threshold
     (see :meth:`detector.checkpoints.CheckpointInfo.probability`); None when the record has none."""
@@ -314,12 +334,17 @@ def scan_report(
     extra_probs = [c for c in columns if c.startswith("probability_")]
 
     labels = Counter("error" if r.get("error") else (r.get("label") or "unscored") for r in rows)
+    has_provenance = "provenance_detail" in columns
+    evidence = {i: _evidence(r.get("provenance_detail", "")) for i, r in enumerate(rows)}
     scored = [(p, r.get("label", "")) for r in rows if (p := _float(r.get("probability"))) is not None]
     threshold = _probability_threshold(record["detector"]) if isinstance(record.get("detector"), dict) else None
 
     counts = "".join(f'<div class="count {cls}"><span>{labels.get(key, 0) if key else len(rows)}</span>{name}</div>'
                      for key, cls, name in (("", "all", "images"), ("fake", "fake", "fake"), ("real", "real", "real"),
                                             ("error", "error", "errors")))
+    if has_provenance:
+        with_evidence = sum(1 for found in evidence.values() if set(f.strength for f in found) & set(EVIDENCE))
+        counts += f'<div class="count prov"><span>{with_evidence}</span>with provenance evidence</div>'
     settings = [(k, v) for k, v in _flatten(record)
                 if not k.startswith(("detector", "models", "inputs", "started"))]
     summary = (
@@ -336,8 +361,8 @@ def scan_report(
         table_columns.append(_Column(f"heatmap ({drawn['model']})" if drawn.get("model") else "heatmap", False))
     table_columns += [_Column("file", False), _Column("probability", True)]
     table_columns += [_Column(c.replace("probability_", "p: "), True) for c in extra_probs]
-    table_columns += [_Column("label", False), _Column("size", True), _Column("format", False),
-                      _Column("folder", False), _Column("error", False)]
+    table_columns += [_Column("label", False)] + ([_Column("provenance", False)] if has_provenance else [])
+    table_columns += [_Column("size", True), _Column("format", False), _Column("folder", False), _Column("error", False)]
     head = "".join(f'<th scope="col"{" data-type=num" if c.numeric else ""}>{_esc(c.title)}</th>' for c in table_columns)
 
     body_rows = []
@@ -358,12 +383,18 @@ def scan_report(
         for column in ("probability", *extra_probs):
             value = _float(row.get(column))
             cells.append(f'<td class="num">{"" if value is None else f"{value:.3f}"}</td>')
-        cells += [f'<td class="label {_esc(label)}">{_esc(label)}</td>',
-                  f'<td data-v="{int(width * height) if width and height else ""}">{size}</td>',
+        cells.append(f'<td class="label {_esc(label)}">{_esc(label)}'
+                     + ('<br><span class="decided">by provenance</span>' if row.get("decided_by") == "provenance" else "")
+                     + "</td>")
+        if has_provenance:
+            cells.append(_provenance_cell(evidence[n - 1]))
+        strengths = " ".join(sorted({f.strength for f in evidence[n - 1]}))
+        cells += [f'<td data-v="{int(width * height) if width and height else ""}">{size}</td>',
                   f"<td>{_esc(row.get('format', ''))}</td>", f'<td class="folder">{_esc(folder)}</td>',
                   f'<td class="error">{_esc(error)}</td>']
         body_rows.append(
             f'<tr data-label="{_esc(label)}" data-folder="{_esc(folder)}" data-error="{1 if error else 0}" '
+            f'data-prov="{_esc(strengths)}" '
             f'data-prob="{"" if prob is None else prob}" data-name="{_esc(name.lower())}">{"".join(cells)}</tr>'
         )
 
@@ -375,13 +406,23 @@ def scan_report(
         "<option>real</option></select></label>"
         f'<label>folder <select name="folder"><option value="*">any</option>{folder_options}</select></label>'
         '<label><input type="checkbox" name="errors"> errors only</label>'
-        '<label>probability from <input type="number" name="pmin" min="0" max="1" step="0.05" value="0"></label>'
+        + ('<label>provenance <select name="prov"><option value="">any</option>'
+           '<option value="evidence">with provenance evidence</option>'
+           '<option value="proof-of-generation">proof of generation</option><option value="hint">hints</option>'
+           '<option value="camera-claim">camera claims</option><option value="nothing">no evidence</option>'
+           '</select></label>' if has_provenance else "")
+        + '<label>probability from <input type="number" name="pmin" min="0" max="1" step="0.05" value="0"></label>'
         '<label>to <input type="number" name="pmax" min="0" max="1" step="0.05" value="1"></label>'
         '<label>name <input type="search" name="q" placeholder="part of a file name"></label>'
         f'<label>rows per page <select name="pagesize"><option>100</option><option selected>{PAGE_SIZE}</option>'
         '<option>2000</option><option value="0">all</option></select></label></form>'
     )
     legend = _heat_legend(drawn.get("model")) if heat_dir is not None else ""
+    if has_provenance:
+        legend += ('<p class="hint" id="provenance-note">Provenance: what each file says of itself (C2PA Content '
+                   "Credentials, XMP and EXIF, generator PNG chunks, Stable Diffusion watermarks). Only a C2PA manifest "
+                   "that validates as Trusted and declares a generated image is proof of generation; metadata anyone "
+                   "can write is a hint. No evidence proves nothing: most platforms strip metadata.</p>")
     table = (
         f'<section id="images"><h2>Images</h2>{filters}{legend}<p id="status" class="hint">{len(rows)} images. '
         "Click a column header to sort.</p>"
@@ -552,7 +593,10 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}td.thumb{width:130px;h
 td.thumb img{display:block;max-width:128px;max-height:128px}
 td.file{max-width:22em;word-break:break-all}td.folder{max-width:18em;word-break:break-all;color:#555}
 td.label.fake{color:var(--fake);font-weight:600}td.label.real{color:var(--real);font-weight:600}
-td.error{color:var(--err);max-width:20em}img.plot{max-width:100%;border:1px solid var(--line)}
+td.error{color:var(--err);max-width:20em}td.prov{max-width:26em;font-size:.92em}td.prov ul{margin:.2em 0;padding-left:1.2em}
+.badge{display:inline-block;border-radius:3px;padding:0 .35em;font-size:.85em;background:#eee;color:#333}
+.badge.proof-of-generation{background:var(--fake);color:#fff}.badge.hint{background:#ffe0b2}.badge.camera-claim{background:#e3f2fd}
+.decided{font-size:.8em;font-weight:400}.count.prov span{color:#6a1b9a}img.plot{max-width:100%;border:1px solid var(--line)}
 .pager{margin:.6em 0}tr[hidden]{display:none}.wide{overflow-x:auto;max-width:100%}
 .wide table{width:100%;table-layout:auto}.wide th{white-space:normal}.wide td{overflow-wrap:anywhere}
 .model{margin:.4em 0 1em}.legend{display:flex;flex-wrap:wrap;gap:.4em 1.5em;align-items:center;margin:.4em 0;font-size:.9em}
@@ -607,6 +651,12 @@ _SCRIPT = """
     if (f.label.value && d.label !== f.label.value) return false;
     if (f.folder.value !== "*" && d.folder !== f.folder.value) return false;
     if (f.errors.checked && d.error !== "1") return false;
+    if (f.prov && f.prov.value) {
+      const found = d.prov ? d.prov.split(" ") : [];
+      const evidence = found.filter(function (s) { return s !== "none"; });
+      if (f.prov.value === "evidence" ? !evidence.length :
+          f.prov.value === "nothing" ? evidence.length > 0 : found.indexOf(f.prov.value) < 0) return false;
+    }
     const lo = parseFloat(f.pmin.value), hi = parseFloat(f.pmax.value);
     if ((lo > 0 || hi < 1) && (d.prob === "" || +d.prob < (lo || 0) || +d.prob > (isNaN(hi) ? 1 : hi))) return false;
     const name = f.q.value.trim().toLowerCase();

@@ -356,3 +356,44 @@ def test_browser_evaluation_tables_fit_1400_px(browser, tmp_path):
     widest = browser.execute_script("return Math.max(...[...document.querySelectorAll('.wide')].map(w => w.scrollWidth"
                                     " - w.clientWidth))")
     assert widest <= 1 and browser.execute_script("return document.documentElement.scrollWidth") <= 1400
+
+
+@pytest.mark.browser
+def test_browser_shows_provenance_and_filters_on_it(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from detector.provenance import Finding, findings_to_json
+
+    csv_path, heat = _fake_scan(tmp_path, NAMES)
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns, rows = list(reader.fieldnames), list(reader)
+    columns += [c for c in ("provenance", "provenance_detail", "decided_by") if c not in columns]
+    proof = Finding("c2pa", "C2PA: generated (trainedAlgorithmicMedia) by X; trusted signer", "proof-of-generation")
+    camera = Finding("exif-camera", "EXIF camera: Nikon D850 (a claim anyone can write)", "camera-claim")
+    hint = Finding("png-parameters", "PNG 'parameters' chunk <b>bold</b>", "hint")
+    broken = Finding("c2pa", "C2PA manifest fails validation (assertion.dataHash.mismatch): not evidence", "none")
+    for k, found in ((0, [proof, camera]), (1, [hint]), (3, [camera]), (4, [broken])):
+        rows[k].update(provenance=found[0].text, provenance_detail=findings_to_json(found))
+    rows[0].update(label="fake", probability="1", decided_by="provenance")
+    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    _open(browser, scan_report(csv_path, tmp_path / "r.html", heat))
+    cells = _visible_column(browser, "provenance")
+    assert cells[0].startswith("proof-of-generation C2PA: generated") and "1 more" in cells[0]
+    assert "<b>bold</b>" in cells[1] and cells[2] == "none found"  # file text shown as text
+    assert "by provenance" in _visible_column(browser, "label")[0]
+    assert "3\nwith provenance evidence" in browser.find_element(By.ID, "summary").text
+    assert "No evidence proves nothing" in browser.find_element(By.ID, "provenance-note").text
+    choose = Select(browser.find_element(By.NAME, "prov"))
+    choose.select_by_visible_text("with provenance evidence")
+    assert _visible_column(browser, "file") == [NAMES[0], NAMES[1], NAMES[3]]
+    choose.select_by_visible_text("proof of generation")
+    assert _visible_column(browser, "file") == [NAMES[0]]
+    choose.select_by_visible_text("no evidence")  # the failed manifest is not evidence
+    assert _visible_column(browser, "file") == [NAMES[2], NAMES[4], NAMES[5]]
+    choose.select_by_visible_text("any")
+    assert len(_visible_column(browser, "file")) == len(NAMES)

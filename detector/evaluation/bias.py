@@ -1,8 +1,11 @@
-"""Bias guards: warnings where reals and fakes differ in format, JPEG quality or size, not only in content."""
+"""Bias guards: warnings where reals and fakes differ in format, JPEG quality or size, not only in content,
+and where their files carry provenance evidence (a benchmark whose fakes carry generator metadata is a
+benchmark of metadata)."""
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -21,6 +24,28 @@ def _separation(labels: np.ndarray, values: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return M.auc(labels, values)
+
+
+def _metadata_evidence(real: pd.DataFrame, fake: pd.DataFrame) -> list[str]:
+    """How many files of each class carry provenance evidence in their metadata (the ``provenance``
+    column of :func:`detector.evaluation.scoring.inspect_file`: ``kind:strength`` tags)."""
+    if "provenance" not in real or "provenance" not in fake:
+        return []
+
+    def describe(part: pd.DataFrame, name: str) -> tuple[int, str]:
+        tags = part["provenance"].fillna("").astype(str)
+        kinds = Counter(tag for text in tags for tag in text.split(";") if tag)
+        carried = int((tags != "").sum())
+        listed = ", ".join(f"{n} {tag.replace(':', ' ')}" for tag, n in kinds.most_common())
+        return carried, f"{carried} of {len(part)} {name}" + (f" ({listed})" if listed else "")
+
+    n_real, reals = describe(real, "reals")
+    n_fake, fakes = describe(fake, "fakes")
+    if not n_real and not n_fake:
+        return []
+    return [f"metadata evidence: {fakes} and {reals} carry provenance evidence in their files (C2PA, XMP, EXIF, "
+            f"PNG chunks); these scores are the pixels' and ignore it, but a detector or benchmark reading files "
+            f"could tell the classes apart by their metadata alone"]
 
 
 def bias_warnings(df: pd.DataFrame, *, align_jpeg: int | None = None, center_crop: int | None = None) -> list[str]:
@@ -71,6 +96,7 @@ def bias_warnings(df: pd.DataFrame, *, align_jpeg: int | None = None, center_cro
                        f"{median_size(labels == 1)} for fakes (pixel count alone ranks them with AUC {auc:.2f})"
                        + (f"; the scores are after --center-crop {center_crop}" if center_crop
                           else f"; compare with --center-crop {crop}") + "; see the size: rows of breakdown.csv")
+    out += _metadata_evidence(real, fake)
     if "sha256" in df:
         both = set(real["sha256"]) & set(fake["sha256"])
         if both:

@@ -84,7 +84,7 @@ class EvalResult:
                 f"report: {Path(self.output_dir) / 'report.html'} (open it in a browser)")
 
 
-_SCORE_COLUMNS = [*COLUMNS, "format", "width", "height", "jpeg_quality", "bytes", "sha256", "error"]
+_SCORE_COLUMNS = [*COLUMNS, "format", "width", "height", "jpeg_quality", "bytes", "sha256", "error", "provenance"]
 
 
 def write_report(

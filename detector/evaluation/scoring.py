@@ -21,6 +21,7 @@ from ..ensemble import Ensemble
 from ..images import ImageError, decode_image, jpeg_quality, open_image
 from ..inference import Detector
 from ..progress import Progress
+from ..provenance import evidence_tags, read_provenance
 from ..scoring import Preparation, score_stream
 from ..workers import in_workers
 from .cache import ScoreCache, settings_key
@@ -31,15 +32,18 @@ __all__ = ["inspect_file", "inspect_all", "score_all"]
 
 
 def inspect_file(path: str | os.PathLike) -> dict:
-    """Content sha256, byte size, format, width, height and JPEG quality of a file, from its header.
+    """Content sha256, byte size, format, width, height and JPEG quality of a file, from its header, and
+    the provenance evidence its metadata carries (:func:`detector.provenance.evidence_tags`).
 
     A file that cannot be opened gets ``error`` set (the message :func:`decode_image` gives).
     """
     out = {"sha256": "", "bytes": np.nan, "format": "", "width": np.nan, "height": np.nan,
-           "jpeg_quality": np.nan, "error": ""}
+           "jpeg_quality": np.nan, "error": "", "provenance": ""}
     try:
         data = Path(path).read_bytes()
         out.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        # metadata evidence, for the bias guards only: the scores stay the pixels' (no watermark search, no decoding)
+        out["provenance"] = evidence_tags(read_provenance(data, watermarks=False))
         with open_image(io.BytesIO(data), str(path)) as img:  # only the formats decode_image reads
             out.update(format=img.format or "", width=img.width, height=img.height)
             quality = jpeg_quality(img) if out["format"] in ("JPEG", "MPO") else None
@@ -73,7 +77,7 @@ def _load_variant(job: tuple, options: EvalOptions, prepare: Preparation) -> dic
 
 def inspect_all(table: pd.DataFrame, workers: int) -> pd.DataFrame:
     meta = pd.DataFrame(list(in_workers(inspect_file, list(table["path"]), workers)),
-                        columns=["sha256", "bytes", "format", "width", "height", "jpeg_quality", "error"])
+                        columns=["sha256", "bytes", "format", "width", "height", "jpeg_quality", "error", "provenance"])
     return pd.concat([table.reset_index(drop=True), meta], axis=1)
 
 
