@@ -13,8 +13,9 @@ Read, in this order of trust:
   ``prompt``/``workflow``, NovelAI, InvokeAI, Fooocus), each parsed up to ``TEXT_MAX_BYTES``.
 * **Invisible watermarks** of the Stable Diffusion family (DWT-DCT, through ``invisible-watermark``):
   SD v1's "StableDiffusionV1" (136 bits) and SDXL's 48-bit pattern, in images stored losslessly and
-  small enough to be an SD output (see ``WATERMARK_*``; ``benchmarks/watermark_robustness.py``
-  measured that a JPEG re-save at quality 95 already erases them, so JPEGs are not decoded).
+  small enough to be an SD output (see ``WATERMARK_*``). ``benchmarks/watermark_robustness.py``
+  measured that a JPEG re-save at quality 95 erases them (found in 1 and 5 of 143 marked photos
+  after it, none or 1 after quality 90), so JPEGs are not searched.
 
 Each :class:`Finding` has a ``kind``, a short ``text`` and a ``strength``:
 
