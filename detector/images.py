@@ -7,6 +7,7 @@ Every decoding failure becomes an :class:`ImageError` with a message fit for the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -16,7 +17,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -43,6 +44,7 @@ __all__ = [
     "jpeg_quality",
     "gaussian_blur",
     "open_image",
+    "read_image_bytes",
     "read_jpeg_quality",
     "reencode_jpeg",
 ]
@@ -241,6 +243,22 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     ``max_pixels`` bounds memory: larger images (and decompression bombs, which declare a huge
     size in a few bytes) are refused before their pixels are decoded.
     """
+    with _image_file(path) as fp:
+        return _decode_stream(fp, Path(path).name, max_pixels)
+
+
+def read_image_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes | None:
+    """The bytes of an image file, read once (to decode them and read their metadata), or None when the
+    file is larger than ``max_bytes``; the checks and errors of :func:`decode_image`."""
+    with _image_file(path) as fp:
+        if max_bytes is not None and os.fstat(fp.fileno()).st_size > max_bytes:
+            return None
+        return fp.read()
+
+
+@contextlib.contextmanager
+def _image_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """The file at ``path`` open for reading, if it is a regular file; every failure an :class:`ImageError`."""
     path = Path(path)
     try:
         kind = os.stat(path).st_mode
@@ -250,7 +268,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         if not stat.S_ISREG(kind):  # reading a FIFO would block forever, a device never end
             raise ImageError("not a regular file (a pipe, socket or device)")
         with open(path, "rb") as fp:
-            return _decode_stream(fp, path.name, max_pixels)
+            yield fp
     except FileNotFoundError:
         raise ImageError("file not found (or a dangling symlink)") from None
     except PermissionError:

@@ -42,6 +42,11 @@ class ImageResult:
     With several models, ``logit`` and ``probability`` are the fused ones and ``models`` holds
     each model's own ``(logit, probability)``, written as ``logit_<name>`` and
     ``probability_<name>`` columns after the common ones.
+
+    ``provenance`` is the text of the file's strongest provenance finding (empty when none),
+    ``provenance_detail`` all of them as JSON (see :mod:`detector.provenance`), and ``decided_by``
+    what set the label: ``pixels``, or ``provenance`` when ``--provenance decide`` let a
+    proof-of-generation finding call the file fake (probability 1.0, the pixels' logit kept).
     """
 
     path: str
@@ -54,6 +59,9 @@ class ImageResult:
     n_patches: int = 0
     seconds: float = 0.0
     error: str = ""
+    provenance: str = ""
+    provenance_detail: str = ""
+    decided_by: str = ""
     models: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     def row(self, model_names: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -72,6 +80,7 @@ class ImageResult:
 
 
 RESULT_COLUMNS = [f.name for f in fields(ImageResult) if f.name != "models"]
+_BEFORE_PROVENANCE = RESULT_COLUMNS[: RESULT_COLUMNS.index("provenance")]  # the header of outputs before #23
 
 
 def result_columns(model_names: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -147,6 +156,9 @@ def repair_and_read(path: str | os.PathLike) -> list[dict[str, str]]:
     if not rows:
         return []
     header = rows[0]
+    if header[: len(RESULT_COLUMNS)] != RESULT_COLUMNS and header[: len(_BEFORE_PROVENANCE)] == _BEFORE_PROVENANCE:
+        raise ValueError(f"{path} was written by an older version of detector (no provenance columns): it cannot be "
+                         f"continued; choose another --output")
     if header[: len(RESULT_COLUMNS)] != RESULT_COLUMNS:
         raise ValueError(f"{path} is not a detector results file (header {rows[0][:4]}...); choose another --output")
     return [dict(zip(header, r)) for r in rows[1:] if len(r) == len(header)]

@@ -6,6 +6,11 @@ as all its crops are scored, in input order. A file that cannot be read gets a r
 set and the scan goes on. ``resume`` skips files already in the output (after repairing a torn
 last row), and a lock file keeps two scans from writing one output.
 
+Provenance (``ScanOptions.provenance``): each file's bytes are read once, decoded, and searched for
+provenance evidence (:mod:`detector.provenance`); ``report`` writes it beside the pixels' verdict,
+``decide`` also lets a proof-of-generation finding set the label (``decided_by`` says which did),
+``off`` reads none.
+
 Sharding: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or with ``rank``/``world_size``,
 each rank scores every ``world_size``-th file into ``<output>.rank<R>of<W>``; rank 0 merges the
 parts into the output once every part is complete (:func:`merge_shards`).
@@ -13,6 +18,8 @@ parts into the output once every part is complete (:func:`merge_shards`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -21,14 +28,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from filelock import FileLock, Timeout
 
 from .ensemble import Ensemble
 from .fusion import FUSION_RULES
-from .images import DEFAULT_MAX_PIXELS, ImageError, InputError, decode_image, find_images
+from .images import DEFAULT_MAX_PIXELS, ImageError, InputError, decode_bytes, decode_image, find_images, read_image_bytes
 from .patches import PatchSettings, relevant_settings
+from .provenance import STRENGTHS as STRENGTH_ORDER
+from .provenance import Finding, deciding, findings_from_json, findings_to_json, missing_packages, read_provenance, strongest
 from .progress import Progress, plural
 from .scoring import Preparation, Scored, score_stream
 from .workers import in_workers
@@ -47,7 +56,13 @@ from .results import (
     write_run_record,
 )
 
-__all__ = ["ScanOptions", "ScanSummary", "scan", "scan_paths", "uncalibrated_members"]
+__all__ = ["PROVENANCE_MODES", "ScanOptions", "ScanSummary", "provenance_reader", "scan", "scan_paths",
+           "uncalibrated_members"]
+
+PROVENANCE_MODES = ("off", "report", "decide")
+# Files larger than this are decoded from disk as before and their provenance is not read: holding a
+# file's bytes beside its pixels doubles its memory, and no camera or generator writes such files.
+PROVENANCE_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -63,8 +78,12 @@ class ScanOptions:
     resume: bool = False
     progress: bool = True
     format: str = "csv"  # of rows streamed to standard output (output "-"); files go by their suffix
+    provenance: str = "report"  # off | report | decide (see the module docstring)
+    trust_anchors: str | None = None  # a PEM file of the C2PA trust anchors a signer must chain to
 
     def __post_init__(self) -> None:
+        if self.provenance not in PROVENANCE_MODES:
+            raise ValueError(f"provenance must be one of {PROVENANCE_MODES}, got {self.provenance!r}")
         if self.fusion not in FUSION_RULES:
             raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
         if self.format not in ("csv", "jsonl"):
@@ -88,11 +107,24 @@ class ScanSummary:
     # scan's time goes, see benchmarks/startup.py)
     first_decoded: float | None = None
     first_row: float | None = None
+    # files with each (kind, strength) of provenance evidence, and the labels provenance decided
+    evidence: Counter = field(default_factory=Counter)
+    n_decided: int = 0
+
+    def count_provenance(self, result: ImageResult) -> None:
+        """Add one written row's provenance findings to the counts (each kind and strength once per file)."""
+        found = {(f.kind, f.strength) for f in findings_from_json(result.provenance_detail) if f.is_evidence}
+        self.evidence.update(found)
+        self.n_decided += result.decided_by == "provenance"
 
     def line(self) -> str:
         done = self.n_files - self.n_skipped
         text = (f"{done} scanned ({self.n_skipped} already done): {self.n_fake} fake, {self.n_real} real, "
                 f"{plural(self.n_errors, 'error')} in {self.seconds:.1f} s -> {self.output}")
+        if self.evidence:
+            counts = ", ".join(f"{n} {kind} ({strength})" for (kind, strength), n in sorted(
+                self.evidence.items(), key=lambda item: (STRENGTH_ORDER.index(item[0][1]), -item[1], item[0][0])))
+            text += f"\nprovenance evidence: {counts}" + (f"; {self.n_decided} labelled fake by it" if self.n_decided else "")
         if self.uncalibrated:
             text += (f"\nNOTE: probabilities are uncalibrated for these settings ({', '.join(self.uncalibrated)} "
                      f"calibrated with others; see the .json record): rank by them, do not read them as chances")
@@ -117,23 +149,59 @@ def uncalibrated_members(ensemble: Ensemble, patches: dict | None, fusion: str) 
     return names
 
 
-class _Decoder:
-    """Decodes an image and prepares it for the model set (called in a worker with its index)."""
+ProvenanceReader = Callable[..., "list[Finding]"]  # read_provenance with its settings: (data, pixels=...) -> findings
 
-    def __init__(self, paths: Sequence[Path], prepare: Preparation, max_pixels: int):
-        self.paths, self.prepare, self.max_pixels = list(paths), prepare, max_pixels
+
+def provenance_reader(options: ScanOptions) -> ProvenanceReader | None:
+    """The provenance reader of a scan's options (None when ``provenance`` is ``off``), picklable for the
+    decode workers. Raises ``ValueError`` for a trust-anchor file that holds no PEM certificate."""
+    if options.provenance == "off":
+        return None
+    return functools.partial(read_provenance, trust_anchors=_trust_anchors(options.trust_anchors))
+
+
+def _trust_anchors(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = Path(path).expanduser().read_text(encoding="ascii", errors="replace")
+    except OSError as err:
+        raise ValueError(f"C2PA trust anchors {path}: {err.strerror or err}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"C2PA trust anchors {path}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file")
+    return text
+
+
+class _Decoder:
+    """Decodes an image and prepares it for the model set (called in a worker with its index), and reads
+    its provenance from the same bytes (even when they cannot be decoded); never raises."""
+
+    def __init__(self, paths: Sequence[Path], prepare: Preparation, max_pixels: int,
+                 provenance: ProvenanceReader | None = None):
+        self.paths, self.prepare, self.max_pixels, self.provenance = list(paths), prepare, max_pixels, provenance
 
     def __call__(self, index: int) -> dict:
         t0 = time.perf_counter()
-        item = {"index": index, "path": self.paths[index], "error": "", "width": None, "height": None, "format": ""}
+        path = self.paths[index]
+        item = {"index": index, "path": path, "error": "", "width": None, "height": None, "format": "", "provenance": []}
+        data = pixels = None
         try:
-            img = decode_image(self.paths[index], max_pixels=self.max_pixels)
+            if self.provenance is not None:
+                data = read_image_bytes(path, max_bytes=PROVENANCE_MAX_BYTES)  # None: too large, decoded from disk
+            img = decode_image(path, max_pixels=self.max_pixels) if data is None else decode_bytes(
+                data, os.fspath(path), max_pixels=self.max_pixels)
+            pixels = img.pixels
             item.update(format=img.format)
             item.update(self.prepare(img.pixels))
         except ImageError as err:
             item["error"] = str(err)
         except Exception as err:  # noqa: BLE001 - any failure on one file must not stop the scan
             item["error"] = f"unexpected {type(err).__name__}: {err}"
+        if self.provenance is not None and data is not None:
+            try:
+                item["provenance"] = self.provenance(data, pixels=pixels)
+            except Exception as err:  # noqa: BLE001 - read_provenance does not raise; a reader passed in might
+                item["provenance"] = [Finding("reader-error", f"provenance not read: {type(err).__name__}", "none")]
         item["seconds"] = time.perf_counter() - t0
         return item
 
@@ -173,7 +241,15 @@ def _settings_record(ensemble: Ensemble, options: ScanOptions, summary: ScanSumm
             "convolutional member with --weights to get them" if conv is None else
             "no heatmaps: the convolutional member has no say in this set's verdict, and a map of a model that "
             "does not decide would mislead")
+    anchors = _trust_anchors(options.trust_anchors)  # a bad file fails here, before any scoring
+    missing = missing_packages() if options.provenance != "off" else []
+    if missing:
+        summary.notes.append(f"provenance: {' and '.join(missing)} not installed, so C2PA manifests and watermarks "
+                             f"were not read (pip install 'detector[provenance]'); PNG chunks, XMP and EXIF were")
+    provenance = {"mode": options.provenance, "not_installed": missing,
+                  "trust_anchors_sha256": hashlib.sha256(anchors.encode()).hexdigest() if anchors else None}
     return {**(record or {}), "detector": ensemble.describe(), "patches": patches, "fusion": options.fusion,
+            "provenance": provenance,
             "max_pixels": options.max_pixels, "probabilities_calibrated": not summary.uncalibrated,
             "uncalibrated_models": summary.uncalibrated,
             "heatmaps": {"folder": str(Path(options.heatmaps).resolve()), "model": drawn}
@@ -286,16 +362,18 @@ def _scoring_settings(record: dict) -> tuple:
     d = record.get("detector", {})
     patches = relevant_settings(record.get("patches") or {})
     fusion = record.get("fusion") if patches["mode"] == "patches" else None
+    provenance = record.get("provenance") or {}
     return (d.get("weights_sha256"), d.get("architecture"), d.get("precision"), d.get("threshold"),
-            d.get("temperature"), json.dumps(patches, sort_keys=True), fusion)
+            d.get("temperature"), json.dumps(patches, sort_keys=True), fusion, provenance.get("mode"),
+            provenance.get("trust_anchors_sha256"))
 
 
 def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir,
          start: float) -> None:
     drawn = heat_dir is not None
     prepare = ensemble.transforms(options.patches, thumbnail=drawn)
-    loader = in_workers(_Decoder(todo, prepare, options.max_pixels), range(len(todo)), options.workers, prefetch=4,
-                        pin_memory=ensemble.device.type == "cuda")
+    loader = in_workers(_Decoder(todo, prepare, options.max_pixels, provenance_reader(options)), range(len(todo)),
+                        options.workers, prefetch=4, pin_memory=ensemble.device.type == "cuda")
 
     def timed(items):
         for item in items:
@@ -306,28 +384,39 @@ def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, s
     bar = Progress(len(todo), enabled=options.progress)
     for scored in score_stream(ensemble, timed(loader), batch_size=options.batch_size, mode=options.patches.mode,
                                fusion=options.fusion):
-        writer.write(_row(scored, ensemble, summary, heat_dir if drawn else None))
+        result = _row(scored, ensemble, summary, heat_dir if drawn else None, decide=options.provenance == "decide")
+        writer.write(result)
+        summary.count_provenance(result)
         if summary.first_row is None:
             summary.first_row = time.perf_counter() - start
         bar.update(1)
     bar.close()
 
 
-def _row(scored: Scored, ensemble: Ensemble, summary: ScanSummary, heat_dir) -> ImageResult:
+def _row(scored: Scored, ensemble: Ensemble, summary: ScanSummary, heat_dir, *, decide: bool = False) -> ImageResult:
+    """The output row of one scored input. With ``decide``, a proof-of-generation finding labels the file
+    fake with probability 1.0 (the logit stays the pixels'), so that label and probability agree;
+    ``decided_by`` says ``provenance``."""
     item, verdict = scored.item, scored.verdict
+    findings = item.get("provenance") or []
+    shown = strongest(findings)
     result = ImageResult(path=display_path(item["path"]), width=item["width"], height=item["height"],
-                         format=item["format"], seconds=scored.seconds, error=scored.error)
+                         format=item["format"], seconds=scored.seconds, error=scored.error,
+                         provenance=shown.text if shown else "", provenance_detail=findings_to_json(findings))
     if verdict is None:
         summary.n_errors += 1
         return result
     result.n_patches = verdict.n_patches
     result.logit, result.probability, result.label = verdict.logit, verdict.probability, verdict.label
+    result.decided_by = "pixels"
+    if decide and deciding(findings) is not None:
+        result.label, result.probability, result.decided_by = "fake", 1.0, "provenance"
     if len(ensemble.members) > 1:
         result.models = {n: (v.logit, v.probability) for n, v in verdict.members.items()}
     if heat_dir is not None and verdict.logit_map is not None and item.get("thumbnail") is not None:
         conv = ensemble.conv  # the map in its model's calibrated terms: red where it calls generated
         write_heatmap(heat_dir, item["path"], item["thumbnail"], (verdict.logit_map - conv.threshold) / conv.temperature)
-    if verdict.label == "fake":
+    if result.label == "fake":
         summary.n_fake += 1
     else:
         summary.n_real += 1

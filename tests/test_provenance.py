@@ -3,6 +3,7 @@ manifests signed with a chain made here (valid, trusted, tampered), SD watermark
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import time
@@ -156,3 +157,159 @@ def test_order_json_and_strengths():
     assert findings_to_json([]) == "" and findings_from_json("") == [] and findings_from_json("[{\"kind\": 1}]") == []
     with pytest.raises(ValueError, match="strength must be one of"):
         Finding("c2pa", "x", "certain")
+
+
+# ---------------------------------------------------------------- in a scan
+
+
+def _artefact_folder(root: Path, signed: bool) -> dict[str, str]:
+    """The artefacts as files, and the kind of strongest finding each should give ("" for none)."""
+    root.mkdir(parents=True, exist_ok=True)
+    px = A.photo(96, 128, 1)
+    files = {
+        "a1111.png": (A.png_bytes(px, {"parameters": A.A1111}), "png-parameters"),
+        "comfyui.png": (A.png_bytes(px, {"workflow": json.dumps(A.COMFY_WORKFLOW)}), "png-comfyui"),
+        "xmp.jpg": (A.jpeg_bytes(px, xmp=A.xmp_packet()), "xmp-digital-source-type"),
+        "camera.jpg": (A.jpeg_bytes(px, exif={0x010F: "Nikon", 0x0110: "D850"}), "exif-camera"),
+        "plain.jpg": (A.jpeg_bytes(px), ""),
+        "huge_text.png": (A.png_bytes(px, {"parameters": "x" * (10 << 20)}), "png-parameters"),
+        "huge_xmp.jpg": (A.jpeg_bytes(px) + A.xmp_packet(padding=20 << 20), ""),
+        "tiny_with_parameters.png": (A.png_bytes(A.photo(16, 16), {"parameters": A.A1111}), "png-parameters"),
+    }
+    if signed:
+        chain, key, ca = A.certificate_chain()
+        c2pa = A.c2pa_signed(A.jpeg_bytes(px), chain, key)
+        files.update({"c2pa.jpg": (c2pa, "c2pa"), "c2pa_tampered.jpg": (A.tampered(c2pa), "c2pa"),
+                      "jumbf_garbage.jpg": (A.jumbf_garbage(), "c2pa")})
+        (root.parent / "anchors.pem").write_text(ca)
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    return {name: kind for name, (_, kind) in files.items()}
+
+
+@pytest.fixture(scope="module")
+def scanner(checkpoint):
+    from detector.inference import Detector
+
+    return Detector.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+
+
+def _scan(folder: Path, scanner, out: Path, **options):
+    from detector.patches import PatchSettings
+    from detector.results import read_rows
+    from detector.scanning import ScanOptions, scan
+
+    opts = ScanOptions(patches=PatchSettings(mode="patches", patch_size=64, num_patches=2), batch_size=8,
+                       workers=options.pop("workers", 0), progress=False, **options)
+    summary = scan([folder], scanner, out, opts)
+    return summary, {Path(r["path"]).name: r for r in read_rows(out)}
+
+
+@pytest.mark.timeout(180)
+def test_scan_reports_and_decides(tmp_path, scanner):
+    c2pa = importlib.util.find_spec("c2pa") is not None
+    folder = tmp_path / "in"
+    expected = _artefact_folder(folder, signed=c2pa)
+    anchors = {"trust_anchors": str(tmp_path / "anchors.pem")} if c2pa else {}
+    summary, report = _scan(folder, scanner, tmp_path / "report.csv", workers=1, **anchors)
+    assert sorted(report) == sorted(expected)  # one row per file, none lost
+    for name, kind in expected.items():
+        row = report[name]
+        detail = findings_from_json(row["provenance_detail"])
+        assert (detail[0].kind if detail else "") == kind, (name, row["provenance_detail"])
+        assert row["provenance"] == (detail[0].text if detail else "")
+    assert report["plain.jpg"]["provenance"] == "" and report["plain.jpg"]["provenance_detail"] == ""
+    assert report["tiny_with_parameters.png"]["error"].startswith("too small")  # still an error row, with its evidence
+    assert report["huge_text.png"]["error"] == "" and "not parsed" in report["huge_text.png"]["provenance"]
+    assert {r["decided_by"] for r in report.values() if not r["error"]} == {"pixels"}
+    assert summary.evidence[("png-parameters", "hint")] == 3 and summary.evidence[("exif-camera", "camera-claim")] == 1
+    assert "provenance evidence: " in summary.line()
+    if c2pa:
+        assert "Trusted" in report["c2pa.jpg"]["provenance_detail"] and "proof-of-generation" in report["c2pa.jpg"]["provenance_detail"]
+        assert "fails validation" in report["c2pa_tampered.jpg"]["provenance"]
+        assert "unreadable" in report["jumbf_garbage.jpg"]["provenance"]
+        assert summary.evidence[("c2pa", "proof-of-generation")] == 1
+    _, decided = _scan(folder, scanner, tmp_path / "decide.csv", provenance="decide", **anchors)
+    flipped = {name for name, row in decided.items() if row["decided_by"] == "provenance"}
+    assert flipped == ({"c2pa.jpg"} if c2pa else set())
+    for name, row in decided.items():
+        if name in flipped:
+            assert row["label"] == "fake" and float(row["probability"]) == 1.0 and row["logit"] == report[name]["logit"]
+        else:
+            assert (row["label"], row["probability"]) == (report[name]["label"], report[name]["probability"])
+        if row["label"]:  # the project's promise: probability >= 0.5 iff fake
+            assert (float(row["probability"]) >= 0.5) == (row["label"] == "fake")
+    if c2pa:  # without trust anchors no manifest is Trusted, so none decides
+        _, untrusted = _scan(folder, scanner, tmp_path / "untrusted.csv", provenance="decide")
+        assert "hint" in untrusted["c2pa.jpg"]["provenance_detail"]
+        assert {r["decided_by"] for r in untrusted.values() if not r["error"]} == {"pixels"}
+    _, off = _scan(folder, scanner, tmp_path / "off.csv", provenance="off")
+    assert all(r["provenance"] == "" and r["provenance_detail"] == "" for r in off.values())
+
+
+@pytest.mark.timeout(120)
+def test_scan_outputs_resume_and_missing_packages(tmp_path, scanner, monkeypatch):
+    import detector.provenance as P
+    from detector.scanning import ScanOptions
+
+    folder = tmp_path / "in"
+    _artefact_folder(folder, signed=False)
+    for suffix in ("jsonl", "parquet"):
+        if suffix == "parquet":
+            pytest.importorskip("pyarrow", reason="parquet outputs need the parquet extra")
+        _, rows = _scan(folder, scanner, tmp_path / f"o.{suffix}")
+        assert rows["a1111.png"]["provenance"].startswith("PNG 'parameters' chunk")
+        assert findings_from_json(rows["a1111.png"]["provenance_detail"])[0].kind == "png-parameters"
+    # resume keeps the columns; another provenance mode is another scan
+    out = tmp_path / "o.csv"
+    _scan(folder, scanner, out)
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(lines[:3]), encoding="utf-8")
+    summary, rows = _scan(folder, scanner, out, resume=True)
+    assert summary.n_skipped == 2 and len(rows) == 8 and rows["a1111.png"]["provenance"]
+    with pytest.raises(ValueError, match="other weights, model set or settings"):
+        _scan(folder, scanner, out, resume=True, provenance="decide")
+    with pytest.raises(ValueError, match="provenance must be one of"):
+        ScanOptions(provenance="maybe")
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        _scan(folder, scanner, tmp_path / "bad.csv", trust_anchors=str(tmp_path / "bad.pem"))
+    # without the extra: said once, in the summary and the run record; PNG chunks are still read
+    monkeypatch.setattr(P, "missing_packages", lambda: ["c2pa-python", "invisible-watermark"])
+    monkeypatch.setattr("detector.scanning.missing_packages", P.missing_packages)
+    summary, rows = _scan(folder, scanner, tmp_path / "bare.csv")
+    assert sum("not installed" in note for note in summary.notes) == 1
+    assert "c2pa-python and invisible-watermark not installed" in summary.line()
+    record = json.loads((tmp_path / "bare.csv.json").read_text())
+    assert record["provenance"]["not_installed"] == ["c2pa-python", "invisible-watermark"]
+    assert rows["a1111.png"]["provenance"] and not any("installed" in r["provenance"] for r in rows.values())
+
+
+# ---------------------------------------------------------------- in an evaluation
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_ignores_provenance_and_counts_it_per_class(tmp_path, scanner):
+    import pandas as pd
+
+    from detector.datasets import read_labelled
+    from detector.evaluation import EvalOptions, bias_warnings, evaluate
+    from detector.patches import PatchSettings
+
+    folder = tmp_path / "bench"
+    for k in range(3):
+        (folder / "real").mkdir(parents=True, exist_ok=True)
+        (folder / "sdxl").mkdir(parents=True, exist_ok=True)
+        px = A.photo(64, 64, 10 + k)
+        (folder / "real" / f"{k}.jpg").write_bytes(A.jpeg_bytes(px, exif={0x010F: "Nikon", 0x0110: "D850"} if k else None))
+        (folder / "sdxl" / f"{k}.png").write_bytes(A.png_bytes(A.photo(64, 64, 20 + k), {"parameters": A.A1111}))
+    options = EvalOptions(patches=PatchSettings(mode="patches", patch_size=64, num_patches=1), workers=0, n_boot=10,
+                          progress=False)
+    result = evaluate(read_labelled(folder), [scanner], tmp_path / "out", options)
+    note = next(w for w in result.warnings if w.startswith("metadata evidence"))
+    assert "3 of 3 fakes (3 png-parameters hint)" in note and "2 of 3 reals (2 exif-camera camera-claim)" in note
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    assert sorted(scores["provenance"].fillna("")) == ["", "exif-camera:camera-claim", "exif-camera:camera-claim"] + [
+        "png-parameters:hint"] * 3
+    plain = scores.assign(provenance="", error="")
+    assert not any(w.startswith("metadata evidence") for w in bias_warnings(plain))
