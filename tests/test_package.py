@@ -122,7 +122,7 @@ def test_every_imported_package_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = " ".join(project["dependencies"] + sum(project["optional-dependencies"].values(), [])).lower()
     distribution = {"PIL": "pillow", "sklearn": "scikit-learn", "pillow_heif": "pillow-heif", "yaml": "pyyaml",
-                    "imwatermark": "invisible-watermark"}
+                    "imwatermark": "invisible-watermark", "cv2": "opencv-python-headless", "pywt": "pywavelets"}
     imported = set()
     for path in (ROOT / "detector").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -93,7 +93,7 @@ def test_c2pa_signed_trusted_and_tampered():
 
 @pytest.mark.timeout(60)
 def test_watermark_found_as_stored_and_its_limit_after_jpeg():
-    pytest.importorskip("imwatermark", reason="watermarks are decoded with invisible-watermark (the provenance extra)")
+    pytest.importorskip("imwatermark", reason="watermarks are embedded with invisible-watermark (the provenance extra)")
     pixels = np.asarray(Image.open(ASTRONAUT).convert("RGB"))
     for kind, name in (("sd-v1", "Stable Diffusion v1"), ("sdxl", "SDXL")):
         marked = A.watermarked(pixels, kind)
@@ -107,6 +107,22 @@ def test_watermark_found_as_stored_and_its_limit_after_jpeg():
     again = np.asarray(Image.open(io.BytesIO(q90)).convert("RGB"))
     assert read_provenance(q90, pixels=again) == []
     assert read_provenance(A.png_bytes(again), pixels=again) == []
+
+
+@pytest.mark.timeout(60)
+def test_watermark_decoder_gives_invisible_watermarks_bits():
+    """Our numpy decoding of dwtDct gives, bit for bit, what invisible-watermark's own decoder gives."""
+    imwatermark = pytest.importorskip("imwatermark", reason="the reference decoder is invisible-watermark's")
+    from detector.provenance import _WATERMARKS, _block_votes, _decode_bits
+
+    astronaut = np.asarray(Image.open(ASTRONAUT).convert("RGB"))
+    images = [astronaut, A.watermarked(astronaut), A.watermarked(astronaut, "sdxl"), A.photo(300, 420, 5),
+              np.asarray(Image.open(io.BytesIO(A.jpeg_bytes(A.watermarked(astronaut), quality=90))))]
+    for pixels in images:
+        for _, pattern, order in _WATERMARKS:
+            image = np.ascontiguousarray(pixels[:, :, ::-1] if order == "bgr" else pixels)
+            theirs = np.asarray(imwatermark.WatermarkDecoder("bits", len(pattern)).decode(image, "dwtDct"), np.uint8)
+            assert np.array_equal(_decode_bits(_block_votes(image), len(pattern)), theirs)
 
 
 @pytest.mark.timeout(60)
