@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install --quiet -e ".[dev,clip,heif,plots,timm,report-tests,export,openvino,parquet,serve,provenance]"
+	$(BIN)/pip install --quiet -e ".[dev,clip,heif,plots,timm,report-tests,export,openvino,parquet,serve,provenance,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

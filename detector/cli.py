@@ -63,6 +63,17 @@ def _share_cpus(workers: int, threads: int | None) -> tuple[int, int]:
     return n, w
 
 
+def _recipe(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
+            fusion_models: str | None = None, backend: str = "auto", threads: int | None = None,
+            target_fpr: float | None = None, members: str = "voting"):
+    """The options that say which detector to load, as a :class:`~detector.hub.LoadRecipe`."""
+    from .hub import LoadRecipe
+
+    names = members if members in ("voting", "all") else tuple(n.strip() for n in members.split(",") if n.strip())
+    return LoadRecipe(tuple(weights), device=device, precision=precision, threads=threads, backend=backend,
+                      architecture=architecture, members=names, target_fpr=target_fpr, fusion=fusion_models)
+
+
 def _load(weights: tuple[str, ...], architecture: str | None, device: str, precision: str,
           fusion_models: str | None = None, backend: str = "auto", threads: int | None = None,
           target_fpr: float | None = None, members: str = "voting"):
@@ -71,30 +82,11 @@ def _load(weights: tuple[str, ...], architecture: str | None, device: str, preci
     say, or the default model set; with ``target_fpr``, the voting members' thresholds moved there."""
     from .backbones import BackboneError
     from .checkpoints import CheckpointError
-    from .ensemble import Ensemble
     from .hardware import tune_process
-    from .hub import is_model_set, load, load_detector
 
-    member_names = members if members in ("voting", "all") else tuple(n.strip() for n in members.split(",") if n.strip())
     try:
-        if len(weights) > 1:
-            if any(is_model_set(w) for w in weights):
-                _fail("a model-set file (.json) is a whole detector: give it alone to --weights")
-            missing = [w for w in weights if not Path(w).expanduser().exists()]
-            if missing:
-                _fail(f"weights not found: {missing[0]}")
-            models = [load_detector(Path(w).expanduser(), device=device, precision=precision, architecture=architecture,
-                                    backend=backend, threads=threads) for w in weights]
-            ensemble = Ensemble(models, [Path(w).stem for w in weights], fusion_models or "mean")
-            if target_fpr is not None:
-                ensemble.at_fpr(target_fpr)
-        else:
-            if members != "voting" and not (weights and is_model_set(weights[0])) and weights:
-                _fail("--members chooses among the members of a model set (.json)")
-            ensemble = load(weights[0] if weights else None, device=device, precision=precision, threads=threads,
-                            backend=backend, architecture=architecture, members=member_names, target_fpr=target_fpr)
-            if fusion_models:
-                ensemble.rule = fusion_models
+        ensemble = _recipe(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr,
+                           members).load()
     except (CheckpointError, BackboneError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     for name, member in zip(ensemble.names, ensemble.members):
@@ -170,6 +162,30 @@ def _backend_option(f):
         "--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto", show_default=True,
         help="What runs the network: torch (a checkpoint), onnxruntime or openvino (a folder written by "
              "`detector export`, given as --weights). auto: torch for a checkpoint, the export's runtime for a folder.")(f)
+
+
+def _engine_options(f):
+    """--engine of scan and the options of its Ray engine (see detector.ray)."""
+    options = [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: decode and score on this machine. ray: on a Ray cluster (pip install 'detector[ray]'); "
+                          "every node must read the inputs and weights at the same paths."),
+        click.option("--ray-address", default=None, metavar="HOST:PORT",
+                     help="The Ray cluster to join. Default: the local one `ray start` began, else a Ray instance "
+                          "started for this scan."),
+        click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+                     help="Scan actors, each holding the detector once. Default: one per GPU, else enough to fill "
+                          "every CPU."),
+        click.option("--ray-cpus-per-actor", type=click.IntRange(min=1), default=None,
+                     help="CPUs (network threads) per actor. Default: a quarter of the smallest node's, 1 to 4."),
+        click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=None,
+                     help="GPUs per actor. Default: 1 if the cluster has GPUs, else 0."),
+        click.option("--ray-batch", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Images per actor call (the unit Ray retries)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 # Options that apply in one mode only: (mode they need, parameter names).
@@ -253,9 +269,11 @@ def _patch_settings(mode, patch_size, num_patches, layout, seed, tile_size, tile
 @_backend_option
 @_target_fpr_option
 @_members_option
+@_engine_options
 def scan(inputs, weights, fusion_models, output, row_format, resume, fail_on, heatmaps, table, report_path, quiet,
          provenance, c2pa_trust_anchors, mode, patch_size, num_patches, layout, seed, fusion, tile_size, tile_margin,
-         device, precision, batch_size, workers, threads, max_pixels, architecture, backend, target_fpr, members) -> None:
+         device, precision, batch_size, workers, threads, max_pixels, architecture, backend, target_fpr, members, engine,
+         ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, ray_batch) -> None:
     """Score every image in INPUTS (files, folders, globs, or CSVs with a path column).
 
     \b
@@ -266,6 +284,7 @@ def scan(inputs, weights, fusion_models, output, row_format, resume, fail_on, he
       detector scan photos/ -o verdicts.jsonl      # one JSON object per image
       detector scan photos/ --mode full --precision bf16 -o full.csv
       detector scan list.csv --mode patches --patch-size 128 --num-patches 16 --fusion max
+      detector scan listing.parquet --engine ray --ray-address head:6379 -o verdicts.parquet
 
     \b
     Exit status: 0 done; 1 the scan failed (bad weights, output in the way, no image found);
@@ -292,8 +311,19 @@ def scan(inputs, weights, fusion_models, output, row_format, resume, fail_on, he
             output_format(output)
         except ValueError as err:
             _fail(str(err))
+    ray_options = ("ray_address", "ray_actors", "ray_cpus_per_actor", "ray_gpus_per_actor", "ray_batch")
+    _refuse_given(ray_options if engine == "local" else ("workers", "threads"),
+                  "with --engine local" if engine == "local" else "with --engine ray (the actors decode; "
+                  "--ray-cpus-per-actor sets their threads)")
     threads, workers = _share_cpus(workers, threads)
     detector = _load(weights, architecture, device, precision, fusion_models, backend, threads, target_fpr, members)
+    runner = None
+    if engine == "ray":
+        from .ray import RayEngine
+
+        recipe = _recipe(weights, architecture, device, precision, fusion_models, backend, None, target_fpr, members)
+        runner = RayEngine(recipe, ray_address, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                           gpus_per_actor=ray_gpus_per_actor, images_per_call=ray_batch)
     with tempfile.TemporaryDirectory(prefix="detector-scan-") as scratch:
         target = str(Path(scratch) / "results.csv") if verdicts_only else (output or "results.csv")
         try:
@@ -301,11 +331,11 @@ def scan(inputs, weights, fusion_models, output, row_format, resume, fail_on, he
                                   max_pixels=max_pixels, heatmaps=heatmaps, resume=resume, progress=not quiet,
                                   format=row_format or "csv", provenance=provenance,
                                   trust_anchors=c2pa_trust_anchors)
-            summary = run(inputs, detector, target, options)
+            summary = run(inputs, detector, target, options, engine=runner)
         except FileExistsError:
             _fail(f"{target} exists: run the same command with --resume to continue it, or with -o NEW.csv to start "
                   f"another")
-        except (InputError, ValueError, RuntimeError) as err:
+        except (InputError, ValueError, RuntimeError, ConnectionError) as err:
             _fail(str(err))
         click.echo(summary.line() if not verdicts_only else summary.line().rsplit(" -> ", 1)[0], err=True)
         if output != "-":
@@ -313,7 +343,7 @@ def scan(inputs, weights, fusion_models, output, row_format, resume, fail_on, he
                 _print_table(target)
             elif verdicts_only or (summary.n_files == 1 and summary.n_skipped == 0):
                 _print_verdicts(target, last=None if verdicts_only else 1)
-            if report_path and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 merged the parts
+            if report_path:
                 _write_scan_report(target, report_path, heatmaps)
     failed = {"fake": summary.n_fake, "error": summary.n_errors, "any": summary.n_fake + summary.n_errors}.get(fail_on, 0)
     if failed:
@@ -324,7 +354,7 @@ def _named_files_only(inputs) -> bool:
     """Whether every input names one image file (not a folder, a glob or a CSV list): then a scan
     prints its verdicts and writes no file unless -o asks for one."""
     paths = [Path(os.path.expanduser(i)) for i in inputs]
-    return all(p.is_file() and p.suffix.lower() != ".csv" for p in paths)
+    return all(p.is_file() and p.suffix.lower() not in (".csv", ".parquet") for p in paths)
 
 
 def _print_verdicts(path: str, last: int | None = None) -> None:

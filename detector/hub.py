@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +30,7 @@ from .probe import PROBE_PREFIX, ProbeDetector
 from .runtimes import BACKENDS, BackendError
 from .resources import DEFAULT_WEIGHTS_NAME, ENV_VAR, default_weights_path, user_weights_dir
 
-__all__ = ["DEFAULT_MODEL_SET_NAME", "ENCODER_NAME", "fetch_encoder", "MEMBER_CHOICES", "default_source", "int8_companion", "is_model_set", "load", "read_model_set",
+__all__ = ["DEFAULT_MODEL_SET_NAME", "ENCODER_NAME", "fetch_encoder", "LoadRecipe", "MEMBER_CHOICES", "default_source", "int8_companion", "is_model_set", "load", "read_model_set",
            "load_detector", "load_ensemble"]
 
 # The default detector: the models this file (found like the weights, see detector.resources)
@@ -187,6 +188,45 @@ def load(path: str | os.PathLike | None = None, *, device: str = "auto", precisi
                               backend=backend)
         ensemble = Ensemble([model], [source.stem if source.is_file() else source.name], source=str(source))
     return ensemble.at_fpr(target_fpr) if target_fpr is not None else ensemble
+
+
+@dataclass(frozen=True)
+class LoadRecipe:
+    """How to load a detector, as plain picklable data: what another process (a Ray actor) rebuilds
+    the caller's detector from. One ``weights`` entry (or none: the default) goes through :func:`load`;
+    several are loaded one by one and fused by ``fusion`` with equal say."""
+
+    weights: tuple[str, ...] = ()
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    backend: str = "auto"
+    architecture: str | None = None
+    members: str | tuple[str, ...] = "voting"
+    target_fpr: float | None = None
+    fusion: str | None = None
+
+    def load(self) -> Ensemble:
+        """The detector (raises what :func:`load` raises; ``ValueError`` for a model set among several weights)."""
+        if len(self.weights) <= 1:
+            if self.members != "voting" and self.weights and not is_model_set(self.weights[0]):
+                raise ValueError("--members chooses among the members of a model set (.json)")
+            ensemble = load(self.weights[0] if self.weights else None, device=self.device, precision=self.precision,
+                            threads=self.threads, backend=self.backend, architecture=self.architecture,
+                            members=self.members, target_fpr=self.target_fpr)
+            if self.fusion:
+                ensemble.rule = self.fusion
+            return ensemble
+        if any(is_model_set(w) for w in self.weights):
+            raise ValueError("a model-set file (.json) is a whole detector: give it alone to --weights")
+        paths = [Path(w).expanduser() for w in self.weights]
+        missing = [str(w) for w in paths if not w.exists()]
+        if missing:
+            raise FileNotFoundError(f"weights not found: {missing[0]}")
+        models = [load_detector(w, device=self.device, precision=self.precision, architecture=self.architecture,
+                                backend=self.backend, threads=self.threads) for w in paths]
+        ensemble = Ensemble(models, [w.stem for w in paths], self.fusion or "mean")
+        return ensemble.at_fpr(self.target_fpr) if self.target_fpr is not None else ensemble
 
 
 def fetch_encoder(target: str | os.PathLike | None = None, *, source: str | os.PathLike | None = None) -> Path:

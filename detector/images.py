@@ -114,13 +114,26 @@ class DecodedImage:
         return int(self.pixels.shape[1])
 
 
-def _read_csv_paths(csv_path: Path) -> list[Path]:
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise InputError(f"{csv_path}: a CSV input needs a 'path' column (found {reader.fieldnames})")
-        base = csv_path.parent
-        return [Path(p) if os.path.isabs(p) else base / p for p in (row["path"] for row in reader) if p]
+def _read_listing(listing: Path) -> list[Path]:
+    """The ``path`` column of a CSV or Parquet listing; relative paths are relative to its folder."""
+    if listing.suffix.lower() == ".parquet":
+        from .resources import require
+
+        require("pyarrow", "parquet", "reading a Parquet listing")
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(listing).names
+        if "path" not in names:
+            raise InputError(f"{listing}: a Parquet listing needs a 'path' column (found {names})")
+        entries = [p for p in pq.read_table(listing, columns=["path"]).column("path").to_pylist() if p]
+    else:
+        with open(listing, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise InputError(f"{listing}: a CSV input needs a 'path' column (found {reader.fieldnames})")
+            entries = [p for p in (row["path"] for row in reader) if p]
+    base = listing.parent
+    return [Path(p) if os.path.isabs(p) else base / p for p in map(str, entries)]
 
 
 def _walk(folder: Path) -> Iterable[Path]:
@@ -138,7 +151,8 @@ def _walk(folder: Path) -> Iterable[Path]:
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files, folders (recursive), glob patterns and CSV lists into image paths.
+    """Expand files, folders (recursive), glob patterns and listings (CSV or Parquet files with a
+    ``path`` column) into image paths.
 
     ``~`` is expanded. Files named explicitly are kept whatever their extension (so that a bad one
     gets its error row); folders contribute files with an image extension. Order is deterministic (sorted within
@@ -150,8 +164,8 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         path = Path(text)
         if path.is_dir():
             found.extend(_walk(path))
-        elif path.suffix.lower() == ".csv" and path.is_file():
-            found.extend(_read_csv_paths(path))
+        elif path.suffix.lower() in (".csv", ".parquet") and path.is_file():
+            found.extend(_read_listing(path))
         elif path.exists() or path.is_symlink():
             found.append(path)
         elif glob.has_magic(text):

@@ -26,13 +26,12 @@ import numpy as np
 from .checkpoints import atomic_write
 from .metrics import sigmoid
 
-__all__ = ["OUTPUT_FORMATS", "RESULT_COLUMNS", "ImageResult", "JsonlWriter", "result_columns", "ResultWriter",
+__all__ = ["OUTPUT_FORMATS", "RESULT_COLUMNS", "ImageResult", "JsonlWriter", "column_kind", "format_value", "typed_value", "result_columns", "ResultWriter",
            "display_path", "open_writer", "output_format", "read_rows", "repair_and_read", "write_heatmap", "write_run_record",
            "read_run_record", "heatmap_name", "software_versions"]
 
 # what -o may end with; parquet is written from a streamed CSV at the end (see detector.scanning)
 OUTPUT_FORMATS = ("csv", "jsonl", "parquet")
-_NUMERIC = {"logit", "probability", "width", "height", "n_patches", "seconds"}
 
 
 @dataclass
@@ -65,18 +64,54 @@ class ImageResult:
     models: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     def row(self, model_names: list[str] | tuple[str, ...] = ()) -> list[str]:
-        def text(v: object) -> str:
-            if v is None:
-                return ""
-            if isinstance(v, float):
-                return f"{v:.6g}" if math.isfinite(v) else ""
-            return str(v)
-
-        base = [text(getattr(self, name)) for name in RESULT_COLUMNS]
+        """The row's fields as the CSV writes them (in :func:`result_columns` order)."""
+        base = [format_value(getattr(self, name)) for name in RESULT_COLUMNS]
         for name in model_names:
             logit, probability = self.models.get(name, (None, None))
-            base += [text(logit), text(probability)]
+            base += [format_value(logit), format_value(probability)]
         return base
+
+
+    def record(self, model_names: list[str] | tuple[str, ...] = ()) -> dict[str, "float | int | str | None"]:
+        """The row as typed values by column (what JSON lines, Parquet and Ray datasets hold): the
+        CSV's text read back, so every output carries the same values."""
+        return {name: typed_value(name, text) for name, text in zip(result_columns(model_names), self.row(model_names))}
+
+    @classmethod
+    def from_record(cls, record: dict, model_names: list[str] | tuple[str, ...] = ()) -> "ImageResult":
+        """The inverse of :meth:`record`."""
+        common = {name: record.get(name) for name in RESULT_COLUMNS}
+        common.update({name: value or "" for name, value in common.items() if column_kind(name) == "str"})
+        models = {name: (record.get(f"logit_{name}"), record.get(f"probability_{name}")) for name in model_names}
+        return cls(**common, models=models)
+
+
+def format_value(v: object) -> str:
+    """A field as text: empty for None and non-finite numbers, 6 significant digits for floats."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else ""
+    return str(v)
+
+
+def column_kind(name: str) -> str:
+    """``float``, ``int`` or ``str``: the type of a result column's values (JSON lines, Parquet, Ray)."""
+    if name in ("width", "height", "n_patches"):
+        return "int"
+    if name in ("logit", "probability", "seconds") or name.startswith(("logit_", "probability_")):
+        return "float"
+    return "str"
+
+
+def typed_value(name: str, text: str) -> "float | int | str | None":
+    """A CSV field as the typed value of its column (None for an empty number)."""
+    kind = column_kind(name)
+    if kind == "str":
+        return text
+    if not text:
+        return None
+    return int(float(text)) if kind == "int" else float(text)
 
 
 RESULT_COLUMNS = [f.name for f in fields(ImageResult) if f.name != "models"]
@@ -227,12 +262,7 @@ class JsonlWriter(ResultWriter):
         self._columns = result_columns(self.model_names)
 
     def write_row(self, row: list[str]) -> None:
-        record = {}
-        for name, value in zip(self._columns, row):
-            numeric = name in _NUMERIC or name.startswith(("logit_", "probability_"))
-            record[name] = (float(value) if value else None) if numeric else value
-            if numeric and value and name in ("width", "height", "n_patches"):
-                record[name] = int(float(value))
+        record = {name: typed_value(name, value) for name, value in zip(self._columns, row)}
         self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()
 

@@ -11,9 +11,9 @@ provenance evidence (:mod:`detector.provenance`); ``report`` writes it beside th
 ``decide`` also lets a proof-of-generation finding set the label (``decided_by`` says which did),
 ``off`` reads none.
 
-Sharding: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or with ``rank``/``world_size``,
-each rank scores every ``world_size``-th file into ``<output>.rank<R>of<W>``; rank 0 merges the
-parts into the output once every part is complete (:func:`merge_shards`).
+Engines: :class:`LocalEngine` (this machine) or :class:`detector.ray.RayEngine` (a Ray cluster)
+decode and score; this module keeps the output, its lock and resume, and the run record, so both
+write the same rows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -46,6 +46,7 @@ from .resources import require
 from .results import (
     ImageResult,
     ResultWriter,
+    column_kind,
     display_path,
     open_writer,
     output_format,
@@ -56,8 +57,8 @@ from .results import (
     write_run_record,
 )
 
-__all__ = ["PROVENANCE_MODES", "ScanOptions", "ScanSummary", "provenance_reader", "scan", "scan_paths",
-           "uncalibrated_members"]
+__all__ = ["Engine", "LocalEngine", "PROVENANCE_MODES", "ScanOptions", "ScanSummary", "prepare_file", "provenance_reader",
+           "result_of", "scan", "scan_paths", "uncalibrated_members"]
 
 PROVENANCE_MODES = ("off", "report", "decide")
 # Files larger than this are decoded from disk as before and their provenance is not read: holding a
@@ -107,6 +108,7 @@ class ScanSummary:
     # scan's time goes, see benchmarks/startup.py)
     first_decoded: float | None = None
     first_row: float | None = None
+    started: float = field(default_factory=time.perf_counter, repr=False)  # perf_counter at the scan's start
     # files with each (kind, strength) of provenance evidence, and the labels provenance decided
     evidence: Counter = field(default_factory=Counter)
     n_decided: int = 0
@@ -116,6 +118,15 @@ class ScanSummary:
         found = {(f.kind, f.strength) for f in findings_from_json(result.provenance_detail) if f.is_evidence}
         self.evidence.update(found)
         self.n_decided += result.decided_by == "provenance"
+
+    def count(self, label: str, error: str) -> None:
+        """Add one written row to the counts."""
+        if error:
+            self.n_errors += 1
+        elif label == "fake":
+            self.n_fake += 1
+        else:
+            self.n_real += 1
 
     def line(self) -> str:
         done = self.n_files - self.n_skipped
@@ -172,52 +183,48 @@ def _trust_anchors(path: str | None) -> str | None:
     return text
 
 
+def prepare_file(path: "str | os.PathLike", prepare: Preparation, max_pixels: int, data: bytes | None = None,
+                 provenance: ProvenanceReader | None = None) -> dict:
+    """One input decoded and cut for the model set: the item :func:`~detector.scoring.score_stream`
+    takes, with its ``path``, ``format``, ``error``, ``seconds`` and ``provenance`` (the findings of
+    ``provenance``, see :func:`provenance_reader`; read from the same bytes as the pixels, even when
+    they cannot be decoded). Never raises: a file that cannot be read or decoded gets its ``error``
+    set, a reader that fails a ``reader-error`` finding. ``data``, the file's bytes when a caller
+    already holds them (an upload, object storage read by Ray), is decoded instead of reading ``path``."""
+    t0 = time.perf_counter()
+    item = {"path": path, "error": "", "width": None, "height": None, "format": "", "provenance": []}
+    pixels = None
+    try:
+        if data is None and provenance is not None:
+            data = read_image_bytes(path, max_bytes=PROVENANCE_MAX_BYTES)  # None: too large, decoded from disk
+        img = decode_image(path, max_pixels=max_pixels) if data is None else decode_bytes(
+            data, os.fspath(path), max_pixels=max_pixels)
+        pixels = img.pixels
+        item.update(format=img.format)
+        item.update(prepare(img.pixels))
+    except ImageError as err:
+        item["error"] = str(err)
+    except Exception as err:  # noqa: BLE001 - any failure on one file must not stop the scan
+        item["error"] = f"unexpected {type(err).__name__}: {err}"
+    if provenance is not None and data is not None:
+        try:
+            item["provenance"] = provenance(data, pixels=pixels)
+        except Exception as err:  # noqa: BLE001 - read_provenance does not raise; a reader passed in might
+            item["provenance"] = [Finding("reader-error", f"provenance not read: {type(err).__name__}", "none")]
+    item["seconds"] = time.perf_counter() - t0
+    return item
+
+
 class _Decoder:
-    """Decodes an image and prepares it for the model set (called in a worker with its index), and reads
-    its provenance from the same bytes (even when they cannot be decoded); never raises."""
+    """Decodes an image and prepares it for the model set (called in a worker with its index)."""
 
     def __init__(self, paths: Sequence[Path], prepare: Preparation, max_pixels: int,
                  provenance: ProvenanceReader | None = None):
         self.paths, self.prepare, self.max_pixels, self.provenance = list(paths), prepare, max_pixels, provenance
 
     def __call__(self, index: int) -> dict:
-        t0 = time.perf_counter()
-        path = self.paths[index]
-        item = {"index": index, "path": path, "error": "", "width": None, "height": None, "format": "", "provenance": []}
-        data = pixels = None
-        try:
-            if self.provenance is not None:
-                data = read_image_bytes(path, max_bytes=PROVENANCE_MAX_BYTES)  # None: too large, decoded from disk
-            img = decode_image(path, max_pixels=self.max_pixels) if data is None else decode_bytes(
-                data, os.fspath(path), max_pixels=self.max_pixels)
-            pixels = img.pixels
-            item.update(format=img.format)
-            item.update(self.prepare(img.pixels))
-        except ImageError as err:
-            item["error"] = str(err)
-        except Exception as err:  # noqa: BLE001 - any failure on one file must not stop the scan
-            item["error"] = f"unexpected {type(err).__name__}: {err}"
-        if self.provenance is not None and data is not None:
-            try:
-                item["provenance"] = self.provenance(data, pixels=pixels)
-            except Exception as err:  # noqa: BLE001 - read_provenance does not raise; a reader passed in might
-                item["provenance"] = [Finding("reader-error", f"provenance not read: {type(err).__name__}", "none")]
-        item["seconds"] = time.perf_counter() - t0
-        return item
-
-
-def _shard_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0"))
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
-    return rank, world_size
-
-
-def shard_path(output: Path, rank: int, world_size: int) -> Path:
-    return output if world_size == 1 else output.with_name(f"{output.name}.rank{rank}of{world_size}")
+        return {"index": index, **prepare_file(self.paths[index], self.prepare, self.max_pixels,
+                                               provenance=self.provenance)}
 
 
 def _as_ensemble(models: "Ensemble | object") -> Ensemble:
@@ -264,13 +271,16 @@ def scan_paths(
     *,
     record: dict | None = None,
     fmt: str | None = None,
+    engine: Engine | None = None,
 ) -> ScanSummary:
-    """Score ``paths`` into ``output`` (one rank's share when sharded): a ``.csv``, ``.jsonl`` or
-    ``.parquet`` file (``fmt``, by default from the suffix: see :func:`detector.results.output_format`),
-    or ``-`` for standard output (rows in ``options.format``, no run record, no resume)."""
+    """Score ``paths`` into ``output``: a ``.csv``, ``.jsonl`` or ``.parquet`` file (``fmt``, by
+    default from the suffix: see :func:`detector.results.output_format`), or ``-`` for standard
+    output (rows in ``options.format``, no run record, no resume). ``engine`` runs the decoding and
+    scoring (default: :class:`LocalEngine`)."""
     ensemble = _as_ensemble(detector)
-    start = time.perf_counter()
+    engine = engine or LocalEngine()
     summary = ScanSummary(output=str(output), n_files=len(paths))
+    start = summary.started
     settings_record = _settings_record(ensemble, options, summary, record)
     names = ensemble.names if len(ensemble.members) > 1 else []
     if str(output) == "-":
@@ -278,7 +288,7 @@ def scan_paths(
             raise ValueError("resume needs an output file, not standard output")
         summary.output = "standard output"
         writer = open_writer(sys.stdout, names, options.format)
-        _run(list(paths), ensemble, options, writer, summary, _heat_dir(settings_record), start)
+        _run(list(paths), ensemble, options, writer, summary, _heat_dir(settings_record), engine, start)
         writer.close()
         summary.seconds = time.perf_counter() - start
         return summary
@@ -315,9 +325,12 @@ def scan_paths(
             else:
                 todo.append(p)
         summary.n_skipped = len(paths) - len(todo)
-        write_run_record(output, {**settings_record, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_run_record(output, {**settings_record, "started": started})
         with open_writer(work, names, "jsonl" if fmt == "jsonl" else "csv") as writer:
-            _run(todo, ensemble, options, writer, summary, _heat_dir(settings_record), start)
+            _run(todo, ensemble, options, writer, summary, _heat_dir(settings_record), engine, start)
+        # the engine's resources are known once it ran (a Ray cluster's nodes and actors)
+        write_run_record(output, {**settings_record, "started": started, "engine": engine.record()})
         if fmt == "parquet":
             _to_parquet(work, output)
     finally:
@@ -347,8 +360,7 @@ def _to_parquet(csv_path: Path, output: Path) -> None:
 
     table = pd.read_csv(csv_path, keep_default_na=False, dtype=str)
     for column in table.columns:
-        if column in ("logit", "probability", "width", "height", "n_patches", "seconds") or column.startswith(
-                ("logit_", "probability_")):
+        if column_kind(column) != "str":
             table[column] = pd.to_numeric(table[column].replace("", None))
     atomic_write(output, lambda tmp: table.to_parquet(tmp, index=False))
     csv_path.unlink()
@@ -368,24 +380,55 @@ def _scoring_settings(record: dict) -> tuple:
             provenance.get("trust_anchors_sha256"))
 
 
-def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary, heat_dir,
-         start: float) -> None:
-    drawn = heat_dir is not None
-    prepare = ensemble.transforms(options.patches, thumbnail=drawn)
-    loader = in_workers(_Decoder(todo, prepare, options.max_pixels, provenance_reader(options)), range(len(todo)),
-                        options.workers, prefetch=4, pin_memory=ensemble.device.type == "cuda")
+class Engine(Protocol):
+    """What runs a scan's decoding and scoring: :class:`LocalEngine` on this machine, or
+    :class:`detector.ray.RayEngine` on a Ray cluster. :func:`scan_paths` keeps the rest (the output,
+    its lock and resume, the run record, the counts), so every engine writes the same rows."""
 
-    def timed(items):
-        for item in items:
-            if summary.first_decoded is None:
-                summary.first_decoded = time.perf_counter() - start
-            yield item
+    def record(self) -> dict:
+        """What the run record says of the engine (its name and resources)."""
+        ...
 
+    def results(self, todo: list[Path], ensemble: Ensemble, options: ScanOptions, heat_dir: Path | None,
+                summary: ScanSummary) -> Iterator[ImageResult]:
+        """One row per path of ``todo``, in its order."""
+        ...
+
+
+class LocalEngine:
+    """Decode in this machine's worker processes, score in this process (the default engine)."""
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers
+
+    def record(self) -> dict:
+        return {"name": "local", "workers": self.workers}
+
+    def results(self, todo: list[Path], ensemble: Ensemble, options: ScanOptions, heat_dir: Path | None,
+                summary: ScanSummary) -> Iterator[ImageResult]:
+        self.workers = options.workers
+        prepare = ensemble.transforms(options.patches, thumbnail=heat_dir is not None)
+        loader = in_workers(_Decoder(todo, prepare, options.max_pixels, provenance_reader(options)), range(len(todo)),
+                            options.workers, prefetch=4, pin_memory=ensemble.device.type == "cuda")
+
+        def timed(items):
+            for item in items:
+                if summary.first_decoded is None:
+                    summary.first_decoded = time.perf_counter() - summary.started
+                yield item
+
+        for scored in score_stream(ensemble, timed(loader), batch_size=options.batch_size, mode=options.patches.mode,
+                                   fusion=options.fusion):
+            yield result_of(scored, ensemble, heat_dir, decide=options.provenance == "decide")
+
+
+def _run(todo: list[Path], ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, summary: ScanSummary,
+         heat_dir: Path | None, engine: Engine, start: float) -> None:
+    """Write the engine's rows as they come, counting them."""
     bar = Progress(len(todo), enabled=options.progress)
-    for scored in score_stream(ensemble, timed(loader), batch_size=options.batch_size, mode=options.patches.mode,
-                               fusion=options.fusion):
-        result = _row(scored, ensemble, summary, heat_dir if drawn else None, decide=options.provenance == "decide")
+    for result in engine.results(todo, ensemble, options, heat_dir, summary):
         writer.write(result)
+        summary.count(result.label, result.error)
         summary.count_provenance(result)
         if summary.first_row is None:
             summary.first_row = time.perf_counter() - start
@@ -393,10 +436,10 @@ def _run(todo, ensemble: Ensemble, options: ScanOptions, writer: ResultWriter, s
     bar.close()
 
 
-def _row(scored: Scored, ensemble: Ensemble, summary: ScanSummary, heat_dir, *, decide: bool = False) -> ImageResult:
-    """The output row of one scored input. With ``decide``, a proof-of-generation finding labels the file
-    fake with probability 1.0 (the logit stays the pixels'), so that label and probability agree;
-    ``decided_by`` says ``provenance``."""
+def result_of(scored: Scored, ensemble: Ensemble, heat_dir: Path | None = None, *, decide: bool = False) -> ImageResult:
+    """The output row of one scored input (drawing its heatmap into ``heat_dir`` when given). With
+    ``decide``, a proof-of-generation finding labels the file fake with probability 1.0 (the logit stays
+    the pixels'), so that label and probability agree; ``decided_by`` says ``provenance``."""
     item, verdict = scored.item, scored.verdict
     findings = item.get("provenance") or []
     shown = strongest(findings)
@@ -404,7 +447,6 @@ def _row(scored: Scored, ensemble: Ensemble, summary: ScanSummary, heat_dir, *, 
                          format=item["format"], seconds=scored.seconds, error=scored.error,
                          provenance=shown.text if shown else "", provenance_detail=findings_to_json(findings))
     if verdict is None:
-        summary.n_errors += 1
         return result
     result.n_patches = verdict.n_patches
     result.logit, result.probability, result.label = verdict.logit, verdict.probability, verdict.label
@@ -416,10 +458,6 @@ def _row(scored: Scored, ensemble: Ensemble, summary: ScanSummary, heat_dir, *, 
     if heat_dir is not None and verdict.logit_map is not None and item.get("thumbnail") is not None:
         conv = ensemble.conv  # the map in its model's calibrated terms: red where it calls generated
         write_heatmap(heat_dir, item["path"], item["thumbnail"], (verdict.logit_map - conv.threshold) / conv.temperature)
-    if result.label == "fake":
-        summary.n_fake += 1
-    else:
-        summary.n_real += 1
     return result
 
 
@@ -429,71 +467,16 @@ def scan(
     output: str | os.PathLike = "results.csv",
     options: ScanOptions = ScanOptions(),
     *,
-    rank: int | None = None,
-    world_size: int | None = None,
+    engine: Engine | None = None,
 ) -> ScanSummary:
     """Find the images in ``inputs`` and score them into ``output`` (see :func:`scan_paths` for the
-    formats; the module docstring for the rest). No image found is an :class:`~detector.images.InputError`."""
+    formats and engines; the module docstring for the rest). No image found is an
+    :class:`~detector.images.InputError`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("scans no longer shard under torchrun (each rank would score every file): run one "
+                           "scan per machine, or scan on a cluster with --engine ray (see README)")
     paths = find_images(inputs)
     if not paths:
         raise InputError(f"no image found in {', '.join(display_path(i) for i in inputs)}")
-    rank, world_size = _shard_env(rank, world_size)
-    if world_size > 1 and (str(output) == "-" or output_format(output) != "csv"):
-        raise ValueError("a sharded scan writes CSV parts: give an output ending in .csv")
-    if str(output) == "-":
-        record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths)}
-        return scan_paths(paths, detector, "-", options, record=record)
-    output = Path(output)
-    mine = paths[rank::world_size]
-    record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths), "rank": rank, "world_size": world_size}
-    summary = scan_paths(mine, detector, shard_path(output, rank, world_size), options, record=record,
-                         fmt=output_format(output))
-    if world_size > 1:
-        _barrier()
-        if rank == 0:
-            merge_shards(output, world_size)
-    return summary
-
-
-def _barrier() -> None:
-    """Wait for every rank (torch.distributed, joined from torchrun's environment if needed)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
-
-
-def merge_shards(output: str | os.PathLike, world_size: int) -> int:
-    """Concatenate the ranks' parts into ``output`` (atomically); returns the number of rows.
-
-    The parts stay on disk, so each rank can ``--resume`` its own part and the merge be redone.
-    """
-    from .checkpoints import atomic_write
-    from .results import result_columns
-
-    output = Path(output)
-    model_names: list[str] = []
-    rows: list[dict[str, str]] = []
-    records = []
-    for r in range(world_size):
-        part = shard_path(output, r, world_size)
-        if not part.exists():
-            raise FileNotFoundError(f"rank {r}'s part {part} is missing; rerun that rank with --resume")
-        part_rows = repair_and_read(part)
-        rows.extend(part_rows)
-        records.append(read_run_record(part) or {})
-        if part_rows:  # per-model columns come in pairs after the common ones
-            model_names = [c[len("logit_"):] for c in part_rows[0] if c.startswith("logit_")]
-
-    def write(tmp: str) -> None:
-        os.unlink(tmp)  # ResultWriter writes the header only into a new file
-        with ResultWriter(tmp, model_names) as writer:
-            columns = result_columns(model_names)
-            for row in rows:
-                writer.write_row([row[c] for c in columns])
-
-    atomic_write(output, write)
-    merged = {**records[0], "merged_from": [str(shard_path(output, r, world_size)) for r in range(world_size)]}
-    write_run_record(output, merged)
-    return len(rows)
+    record = {"inputs": [display_path(i) for i in inputs], "n_inputs": len(paths)}
+    return scan_paths(paths, detector, output, options, record=record, engine=engine)
