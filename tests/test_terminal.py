@@ -26,13 +26,16 @@ def test_rows_are_written_as_images_finish(tmp_path, checkpoint, monkeypatch):
         Image.fromarray(noise_image(size, size, k)).save(folder / f"{k}.png")
     out = tmp_path / "o.csv"
     rows_at_decode = []
-    decode = scanning.decode_image
 
-    def counting_decode(path, **kwargs):
-        rows_at_decode.append(out.read_text().count("\n") - 1 if out.exists() else 0)
-        return decode(path, **kwargs)
+    def counting(decode):
+        def counted(*args, **kwargs):
+            rows_at_decode.append(out.read_text().count("\n") - 1 if out.exists() else 0)
+            return decode(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(scanning, "decode_image", counting_decode)
+    # a scan decodes a file from its bytes (read once, for provenance too) or, without them, from disk
+    monkeypatch.setattr(scanning, "decode_image", counting(scanning.decode_image))
+    monkeypatch.setattr(scanning, "decode_bytes", counting(scanning.decode_bytes))
     detector = Detector.from_checkpoint(checkpoint, device="cpu", precision="fp32")
     options = ScanOptions(patches=PatchSettings(patch_size=64, num_patches=2), batch_size=8, workers=0, progress=False)
     with warnings.catch_warnings(record=True) as caught:
