@@ -1,20 +1,21 @@
 """Encode every image of the training pool once per view that the in-the-wild campaign (#18) compares.
 
-Per image, four views of the default encoder (CLIP ViT-B/16 int8, class tokens of blocks 5, 7, 9, 11):
+Per image, three views, each short side resized to 224 and centre-cropped (the scan view that won the
+first campaign: native crops lost to it as scan and as training views, experiments/EXPERIMENTS.md):
 
-* ``stored_resize``: the file as stored, short side resized to 224, centre crop (the shipped probe's view);
-* ``stored_crop``: the file as stored, the central 224 px at native resolution;
-* ``arrival_resize``: an arrival (:func:`detector.training.arrival.arrive`: crop, downscale, JPEG/WebP/PNG)
-  then the resized view;
-* ``arrival_crop``: the same arrival, its central 224 px at native resolution.
+* ``stored_resize``: the file as stored;
+* ``arrival_resize``: one arrival (:func:`detector.training.arrival.arrive`: crop, downscale,
+  JPEG/WebP/PNG), the same arrival as the first campaign's (salt 1);
+* ``arrival2_resize``: a second, independent arrival (salt 2), so that training can see two.
 
-The two stored views and the two arrival views are each what a two-view scan (resize + crop) of
-one file sees, so the campaign can score one-view and two-view scans under both conditions.
+Per view the feature is ``cls+tokens-blocks:0,...,11`` of the default encoder (CLIP ViT-B/16 int8):
+the class token and the mean patch token after every block, from one forward pass, so that the
+cross-validation can compare block sets and token kinds by slicing, without encoding again.
 
 Arrivals are seeded by the file's SHA-256, so a rerun gives the same views; features are cached per
 file under ``--cache`` (outside the repository), so a killed run resumes where it stopped::
 
-    .venv/bin/python experiments/wild_features.py ../shared-corpus/manifest.csv ../shared/data/dev/manifest.csv ...
+    .venv/bin/python experiments/wild_features.py data/splits/wild_pool.csv
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from detector.patches import encoder_views  # noqa: E402
 from detector.training.arrival import ArrivalRecipe, arrive  # noqa: E402
 from detector.training.probe import FeatureCache  # noqa: E402
 
-VIEWS = ("stored_resize", "stored_crop", "arrival_resize", "arrival_crop")
+VIEWS = ("stored_resize", "arrival_resize", "arrival2_resize")
 ENCODER = "clip:onnx:weights/clip_vitb16.int8.onnx"
-FEATURE = "cls-blocks:5,7,9,11"
+BLOCKS = tuple(range(12))
+FEATURE = "cls+tokens-blocks:" + ",".join(map(str, BLOCKS))
+WIDTH = 768  # per block and part
 RECIPE = ArrivalRecipe()
 MAX_PIXELS = 80_000_000
 
@@ -50,13 +53,18 @@ def seeded(sha256: str, salt: int) -> np.random.Generator:
 
 
 def views_of(path: str, sha256: str, size: int = 224) -> np.ndarray:
-    """The four views ``(4, size, size, 3)`` of one file, in the order of ``VIEWS``."""
+    """The views ``(3, size, size, 3)`` of one file, in the order of ``VIEWS``."""
     pixels = decode_image(path, max_pixels=MAX_PIXELS).pixels
-    a, _ = arrive(pixels, seeded(sha256, 1), RECIPE)
-    return np.concatenate([encoder_views(pixels, size=size, n=1, mode="resize"),
-                           encoder_views(pixels, size=size, n=1, mode="crop"),
-                           encoder_views(a, size=size, n=1, mode="resize"),
-                           encoder_views(a, size=size, n=1, mode="crop")])
+    arrivals = [arrive(pixels, seeded(sha256, salt), RECIPE)[0] for salt in (1, 2)]
+    return np.concatenate([encoder_views(p, size=size, n=1, mode="resize") for p in (pixels, *arrivals)])
+
+
+def feature_columns(blocks: tuple[int, ...], parts: tuple[str, ...]) -> np.ndarray:
+    """Column indices, in a cached feature vector, of the feature ``parts`` of ``blocks`` in the
+    order :mod:`detector.backbones` gives them (every block's class token, then every block's mean)."""
+    offsets = {"cls": 0, "tokens": len(BLOCKS) * WIDTH}
+    return np.concatenate([offsets[part] + BLOCKS.index(b) * WIDTH + np.arange(WIDTH)
+                           for part in parts for b in blocks])
 
 
 def cache_for(folder: str | Path) -> FeatureCache:

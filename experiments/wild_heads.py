@@ -102,11 +102,12 @@ def out_of_fold(head, table: pd.DataFrame, features: np.ndarray) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default="../shared-features/wild")
+    parser.add_argument("--features", default="cls-5,7,9,11", help="feature set, as wild_probe.py cv names them")
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     parser.add_argument("--scores", help="a sealed-test scores CSV of `detector evaluate` (per-family misses)")
     parser.add_argument("--threshold", type=float, default=None, help="the shipped threshold (default: read from weights)")
     args = parser.parse_args(argv)
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache)
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, args.features)
     y = table["label"].to_numpy()
     real = y == 0
     w = group_weights(table["group"])

@@ -1,8 +1,9 @@
 """The in-the-wild campaign (#18): choose the probe's training views, scan views and C by grouped
 cross-validation, fit the operating point, and write the default probe.
 
-Inputs are the features of ``experiments/wild_features.py`` (four views per image: the file as stored
-and one arrival, each seen resized and as a native crop). Steps, each a subcommand:
+Inputs are the features of ``experiments/wild_features.py`` (three resized views per image: the file
+as stored and two independent arrivals; the class token and mean patch token of every block).
+Steps, each a subcommand:
 
 ``split``  assigns every image of the given manifests to the sealed test split or to the pool, by
            group: real photos by source, generated images by generator family. The previous sealed
@@ -13,11 +14,13 @@ and one arrival, each seen resized and as a native crop). Steps, each a subcomma
            so that a thousand-photo collection does not outweigh forty small ones and the CPU budget
            goes to variety. Writes ``data/splits/wild_pool.csv`` and ``data/splits/wild_test.csv``.
 ``cv``     5-fold cross-validation on the pool, grouped (no source and no generator family on both
-           sides of a fold), for every training view set and C of the grid; each arm is scored with
-           every scan view set. (A first run with C from 0.03 to 1 found the best C at the grid's
-           low end; the grid was extended downwards and the whole table rerun.) Prints the table and
-           writes ``experiments/wild_probe.json``; the arm with the best mean AUC over the two
-           conditions (as stored, arrival) wins.
+           sides of a fold), for the arms named by ``--features``, ``--train-views`` and ``--c``
+           (each a list; every combination is run). An arm is scored under two conditions: the
+           held-out images as stored, and after their first arrival. Rows accumulate in
+           ``experiments/wild_probe.json`` across runs (a rerun of an arm replaces its row), so a
+           staged search is recorded whole; the arm with the best mean AUC over the two conditions
+           wins. The first campaign's grid (views, C, native crops) is in
+           ``experiments/wild_probe_2026-12-04.json`` and experiments/EXPERIMENTS.md.
 ``resnet`` scores a sample of the pool's new images (the data engine's; the ResNet-50 trained on
            the older ones) with the bundled ResNet-50 as ``detector scan`` does, and measures on it the
            fusion of the ResNet's calibrated margin with the winner's out-of-fold margin for several
@@ -30,7 +33,7 @@ and one arrival, each seen resized and as a native crop). Steps, each a subcomma
 Run from the repository root::
 
     .venv/bin/python experiments/wild_probe.py split ../shared/data/dev/manifest.csv ...
-    .venv/bin/python experiments/wild_probe.py cv
+    .venv/bin/python experiments/wild_probe.py cv --features cls-5,7,9,11 cls+tokens-5,7,9,11 --c 0.001
     .venv/bin/python experiments/wild_probe.py fit --out weights/clip_probe_vitb16.safetensors
 """
 
@@ -57,26 +60,36 @@ from detector.datasets import read_labelled  # noqa: E402
 from detector.metrics import auc  # noqa: E402
 from detector.training.calibration import fit_operating_point, thresholds_at_fpr  # noqa: E402
 from detector.training.probe import fit_probe, group_weights, probe_config  # noqa: E402
-from wild_features import ENCODER, FEATURE, RECIPE, VIEWS, cache_for  # noqa: E402
+from wild_features import ENCODER, RECIPE, VIEWS, cache_for, feature_columns  # noqa: E402
 
 SPLITS = ROOT / "data" / "splits"
 RESULTS = ROOT / "experiments" / "wild_probe.json"
 OLD_TEST = SPLITS / "test.csv"
 FOLDS = 5
-C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.3)
 # training views: which of VIEWS each training image contributes
 TRAIN_VIEWS = {
-    "stored-resize": ("stored_resize",),                                   # the shipped probe's recipe
-    "stored+arrival-resize": ("stored_resize", "arrival_resize"),
-    "all-four": VIEWS,
-    "arrival-only": ("arrival_resize", "arrival_crop"),  # both classes re-encoded alike: no format cue
+    "stored+arrival": ("stored_resize", "arrival_resize"),  # the first campaign's winner
+    "stored+2arrivals": ("stored_resize", "arrival_resize", "arrival2_resize"),
 }
-# scan views: (condition "stored" views, condition "arrival" views); an image's logit is their mean
-SCAN_VIEWS = {
-    "resize": (("stored_resize",), ("arrival_resize",)),
-    "crop": (("stored_crop",), ("arrival_crop",)),
-    "resize+crop": (("stored_resize", "stored_crop"), ("arrival_resize", "arrival_crop")),
-}
+# the view scored under each condition: as stored, after an arrival
+SCAN_VIEWS = ("stored_resize", "arrival_resize")
+CONDITIONS = ("stored", "arrival")
+
+
+def feature_set(name: str) -> tuple[str, tuple[int, ...]]:
+    """``cls-5,7,9,11`` -> (``cls``, (5, 7, 9, 11)); the kinds are those of detector.backbones."""
+    kind, _, blocks = name.rpartition("-")
+    if kind not in ("cls", "tokens", "cls+tokens"):
+        raise SystemExit(f"feature set {name!r}: give KIND-I,J,... with KIND cls, tokens or cls+tokens")
+    return kind, tuple(int(b) for b in blocks.split(","))
+
+
+def product_feature(name: str) -> str:
+    """The detector.backbones feature name of a feature set (``cls-5,7`` -> ``cls-blocks:5,7``)."""
+    kind, blocks = feature_set(name)
+    return f"{kind}-blocks:{','.join(map(str, blocks))}"
+
+
 MIN_GROUP = 5  # groups smaller than this get no row of their own in the worst-group figure
 
 
@@ -134,15 +147,17 @@ def cmd_split(args) -> None:
               f"{(out.label == 1).sum()} generated from {out[out.label == 1].group.nunique()} families")
 
 
-def load_features(table: pd.DataFrame, cache_dir: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """The rows with cached features and their ``(n, 4, dim)`` array."""
+def load_features(table: pd.DataFrame, cache_dir: str, features: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows with cached features and their ``(n, views, dim)`` array of feature set ``features``."""
+    kind, blocks = feature_set(features)
+    columns = feature_columns(blocks, tuple(kind.split("+")))
     cache = cache_for(cache_dir)
     keep, feats = [], []
     for i, sha in enumerate(table["sha256"]):
         f = cache.get(sha)
         if f is not None:
             keep.append(i)
-            feats.append(f)
+            feats.append(f[:, columns])
     missing = len(table) - len(keep)
     if missing:
         print(f"note: {missing} of {len(table)} images have no features yet (run wild_features.py); left out")
@@ -153,19 +168,27 @@ def view_index(names) -> list[int]:
     return [VIEWS.index(n) for n in names]
 
 
-def fit_arm(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, train_views, c: float):
+def fit_arm(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, train_views: str, c: float):
     idx = view_index(TRAIN_VIEWS[train_views])
     return fit_probe([f[idx] for f in features], labels, c=c, image_weights=weights)
 
 
-def view_logits(probe, features: np.ndarray) -> np.ndarray:
-    """``(n, 4)``: the probe's logit of every view of every image."""
-    n, k, d = features.shape
-    return probe.logits(features.reshape(n * k, d)).reshape(n, k)
+def condition_logits(probe, features: np.ndarray) -> np.ndarray:
+    """``(n, 2)``: the probe's logit of every image as stored and after its first arrival."""
+    idx = view_index(SCAN_VIEWS)
+    n, d = len(features), features.shape[2]
+    return probe.logits(features[:, idx].reshape(n * len(idx), d)).reshape(n, len(idx))
 
 
-def scan_logits(logits4: np.ndarray, scan_views: str, condition: int) -> np.ndarray:
-    return logits4[:, view_index(SCAN_VIEWS[scan_views][condition])].mean(axis=1)
+def out_of_fold(table: pd.DataFrame, features: np.ndarray, train_views: str, c: float) -> np.ndarray:
+    """``(n, 2)`` out-of-fold logits under both conditions (grouped folds: unseen sources and families)."""
+    y = table["label"].to_numpy()
+    w = group_weights(table["group"])
+    out = np.zeros((len(table), len(SCAN_VIEWS)))
+    for train_idx, test_idx in folds(table):
+        probe = fit_arm(features[train_idx], y[train_idx], w[train_idx], train_views, c)
+        out[test_idx] = condition_logits(probe, features[test_idx])
+    return out
 
 
 def worst_group_auc(table: pd.DataFrame, scores: np.ndarray) -> tuple[float, str]:
@@ -189,47 +212,43 @@ def folds(table: pd.DataFrame, seed: int = 0):
     return list(splitter.split(np.zeros(len(table)), table["label"], table["group"]))
 
 
+def arm_key(row: dict) -> tuple:
+    return row["features"], row["train_views"], row["C"]
+
+
 def cmd_cv(args) -> None:
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache)
-    y = table["label"].to_numpy()
-    w = group_weights(table["group"])
-    print(f"pool: {(y == 0).sum()} real ({table[y == 0].group.nunique()} sources), {(y == 1).sum()} generated "
-          f"({table[y == 1].group.nunique()} families)")
-    splits = folds(table)
-    rows, oof = [], {}
-
-    def run_arm(train_views: str, c: float) -> None:
-        t0 = time.time()
-        logits4 = np.zeros((len(table), len(VIEWS)))
-        for train_idx, test_idx in splits:
-            probe = fit_arm(features[train_idx], y[train_idx], w[train_idx], train_views, c)
-            logits4[test_idx] = view_logits(probe, features[test_idx])
-        oof[(train_views, c)] = logits4
-        for scan_views in SCAN_VIEWS:
-            row = {"train_views": train_views, "C": c, "scan_views": scan_views}
-            for condition, name in enumerate(("stored", "arrival")):
-                s = scan_logits(logits4, scan_views, condition)
-                row[f"auc_{name}"] = auc(y, s)
-                row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, s)
-            row["score"] = (row["auc_stored"] + row["auc_arrival"]) / 2
-            rows.append(row)
-            print(f"{train_views:22s} C={c:<5g} {scan_views:12s} stored {row['auc_stored']:.4f} "
-                  f"(worst {row['worst_stored']:.3f}) arrival {row['auc_arrival']:.4f} "
-                  f"(worst {row['worst_arrival']:.3f})  [{time.time() - t0:.0f} s]", flush=True)
-
-    for train_views in TRAIN_VIEWS:
-        for c in C_GRID:
-            run_arm(train_views, c)
-    best = max(rows, key=lambda r: (round(r["score"], 4), -len(SCAN_VIEWS[r["scan_views"]][0]), -r["C"]))
-    print(f"winner: train views {best['train_views']}, C={best['C']:g}, scan views {best['scan_views']} "
+    pool = pd.read_csv(SPLITS / "wild_pool.csv")
+    record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"arms": []}
+    rows = {arm_key(r): r for r in record["arms"]}
+    for features_name in args.features:
+        table, features = load_features(pool, args.cache, features_name)
+        y = table["label"].to_numpy()
+        print(f"{features_name}: {features.shape[2]} dims; pool {(y == 0).sum()} real ({table[y == 0].group.nunique()} "
+              f"sources), {(y == 1).sum()} generated ({table[y == 1].group.nunique()} families)", flush=True)
+        for train_views in args.train_views:
+            for c in args.c:
+                t0 = time.time()
+                oof = out_of_fold(table, features, train_views, c)
+                row = {"features": features_name, "train_views": train_views, "C": c}
+                for k, name in enumerate(CONDITIONS):
+                    row[f"auc_{name}"] = auc(y, oof[:, k])
+                    row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, oof[:, k])
+                row["score"] = (row["auc_stored"] + row["auc_arrival"]) / 2
+                row["seconds"] = round(time.time() - t0, 1)
+                rows[arm_key(row)] = row
+                print(f"{features_name:22s} {train_views:17s} C={c:<6g} stored {row['auc_stored']:.4f} "
+                      f"(worst {row['worst_stored']:.3f}) arrival {row['auc_arrival']:.4f} "
+                      f"(worst {row['worst_arrival']:.3f})  [{row['seconds']:.0f} s]", flush=True)
+        del features
+    best = max(rows.values(), key=lambda r: (round(r["score"], 4), -r["C"]))
+    print(f"winner so far: features {best['features']}, train views {best['train_views']}, C={best['C']:g} "
           f"(mean AUC {best['score']:.4f})")
-    record = {"pool": {"n_real": int((y == 0).sum()), "n_fake": int((y == 1).sum()),
-                       "real_sources": int(table[y == 0].group.nunique()),
-                       "fake_families": int(table[y == 1].group.nunique())},
-              "folds": FOLDS, "arms": rows, "winner": best,
-              "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record.update({"pool": {"n_real": int((pool.label == 0).sum()), "n_fake": int((pool.label == 1).sum()),
+                            "real_sources": int(pool[pool.label == 0].group.nunique()),
+                            "fake_families": int(pool[pool.label == 1].group.nunique())},
+                   "folds": FOLDS, "arms": list(rows.values()), "winner": best,
+                   "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     RESULTS.write_text(json.dumps(record, indent=1))
-    np.save(Path(args.cache) / "oof_winner.npy", oof[(best["train_views"], best["C"])])
 
 
 RESNET_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
@@ -242,9 +261,8 @@ def cmd_resnet(args) -> None:
 
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
-    table, _ = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache)
-    oof = np.load(Path(args.cache) / "oof_winner.npy")
-    probe_stored = scan_logits(oof, best["scan_views"], 0)
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    probe_stored = out_of_fold(table, features, best["train_views"], best["C"])[:, 0]
     new = table["dataset"].str.contains("shared-corpus")
     sample = pd.concat([table[new & (table.label == lab)].sort_values("sha256").head(args.n // 2) for lab in (0, 1)])
     listing = Path(args.cache) / "resnet_sample.csv"
@@ -281,15 +299,12 @@ def cmd_resnet(args) -> None:
 def cmd_fit(args) -> None:
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache)
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
     # out-of-fold scores of the winner (recomputed: the operating point must come from unseen sources)
-    logits4 = np.zeros((len(table), len(VIEWS)))
-    for train_idx, test_idx in folds(table):
-        probe = fit_arm(features[train_idx], y[train_idx], w[train_idx], best["train_views"], best["C"])
-        logits4[test_idx] = view_logits(probe, features[test_idx])
-    per_condition = {name: scan_logits(logits4, best["scan_views"], i) for i, name in enumerate(("stored", "arrival"))}
+    oof = out_of_fold(table, features, best["train_views"], best["C"])
+    per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     real = y == 0
     strictest = max(thresholds_at_fpr(s[real], (args.target_fpr,), w[real])[f"{args.target_fpr:g}"]
                     for s in per_condition.values())
@@ -302,16 +317,15 @@ def cmd_fit(args) -> None:
         recall = float((s[~real] >= calibration.threshold).mean())
         print(f"out-of-fold, {name}: FPR {fpr:.3f}, recall {recall:.3f} at threshold {calibration.threshold:.3f}")
     probe = fit_arm(features, y, w, best["train_views"], best["C"])
-    backbone = create_backbone(ENCODER, feature=FEATURE)
-    scan_views = best["scan_views"]
-    n_views = len(SCAN_VIEWS[scan_views][0])
-    probe.config = probe_config(ENCODER, backbone, views=n_views, view_mode=scan_views)
+    feature = product_feature(best["features"])
+    backbone = create_backbone(ENCODER, feature=feature)
+    probe.config = probe_config(ENCODER, backbone, views=1, view_mode="resize")
     metadata = {
         "architecture": probe.config.architecture,
         "probe": probe.config.to_dict(),
         "config": {"campaign": "experiments/wild_probe.py", "train_views": list(TRAIN_VIEWS[best["train_views"]]),
                    "arrival_recipe": RECIPE.to_dict(), "c": best["C"], "group_weight_power": 0.5,
-                   "feature": FEATURE, "backbone": ENCODER},
+                   "feature": feature, "backbone": ENCODER},
         "data": {"pool": "data/splits/wild_pool.csv", "n_train": int(len(y)), "n_train_real": int(real.sum()),
                  "n_train_fake": int((~real).sum()), "sealed_test": "data/splits/wild_test.csv"},
         "cv": {k: best[k] for k in ("auc_stored", "auc_arrival", "worst_stored", "worst_arrival", "score")},
@@ -323,7 +337,7 @@ def cmd_fit(args) -> None:
     record["operating_point"] = {"threshold": calibration.threshold, "temperature": calibration.temperature,
                                  "target_fpr": args.target_fpr}
     RESULTS.write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out}: train views {best['train_views']}, C={best['C']:g}, scan views {scan_views}, "
+    print(f"wrote {args.out}: features {feature}, train views {best['train_views']}, C={best['C']:g}, one resized view, "
           f"threshold {calibration.threshold:.3f}, temperature {calibration.temperature:.3f}")
 
 
@@ -337,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cv", "fit", "resnet"):
         p = sub.add_parser(name)
         p.add_argument("--cache", default="../shared-features/wild")
+        if name == "cv":
+            p.add_argument("--features", nargs="+", default=["cls-5,7,9,11"],
+                           help="feature sets KIND-I,J,... (KIND cls, tokens or cls+tokens; blocks 0-11)")
+            p.add_argument("--train-views", nargs="+", default=["stored+arrival"], choices=sorted(TRAIN_VIEWS))
+            p.add_argument("--c", nargs="+", type=float, default=[0.001])
         if name == "resnet":
             p.add_argument("-n", type=int, default=300, help="images scored (half real, half generated)")
         if name == "fit":
