@@ -27,7 +27,10 @@ exported from Hugging Face's CLIPVisionModel, as the default one), the class tok
 I, J, ... (0-based) side by side: intermediate blocks keep more of the low-level traces that
 generators leave (Koutlis & Papadopoulos, ECCV 2024), and on this project's validation split the
 probe on blocks 5, 7, 9 and 11 scores 0.919 against 0.865 for the last block alone
-(experiments/EXPERIMENTS.md).
+(experiments/EXPERIMENTS.md). ``tokens-blocks:I,J,...`` gives the mean of the patch tokens after
+those blocks instead (a summary of the whole picture's texture rather than the class token's
+reading), and ``cls+tokens-blocks:I,J,...`` both: the class tokens of every listed block first,
+then their patch-token means, in the listed order.
 """
 
 from __future__ import annotations
@@ -39,32 +42,46 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "FEATURES", "Backbone", "BackboneConfig", "BackboneError", "create_backbone",
-           "feature_blocks"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "FEATURES", "Backbone", "BackboneConfig", "BackboneError", "block_parts",
+           "create_backbone", "feature_blocks"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NAMED_FEATURES = ("embeds", "cls", "tokens")
-FEATURES = (*NAMED_FEATURES, "cls-blocks:I,J,...")
-BLOCKS_PREFIX = "cls-blocks:"
+BLOCK_KINDS = {"cls-blocks:": ("cls",), "tokens-blocks:": ("tokens",), "cls+tokens-blocks:": ("cls", "tokens")}
+FEATURES = (*NAMED_FEATURES, *(f"{prefix}I,J,..." for prefix in BLOCK_KINDS))
 # The residual stream after block I in an ONNX export of Hugging Face's CLIPVisionModel; the last
 # block's is the graph's second output (the last hidden state).
 _BLOCK_OUTPUT = "/vision_model/encoder/layers.{}/Add_1_output_0"
 
 
+def _block_prefix(feature: str) -> str | None:
+    # longest first: "cls+tokens-blocks:" must not be read as another kind
+    return next((p for p in sorted(BLOCK_KINDS, key=len, reverse=True) if feature.startswith(p)), None)
+
+
 def feature_blocks(feature: str) -> tuple[int, ...] | None:
-    """The block indices of a ``cls-blocks:I,J,...`` feature (None for the other features)."""
-    if not feature.startswith(BLOCKS_PREFIX):
+    """The block indices of a ``cls-blocks:``, ``tokens-blocks:`` or ``cls+tokens-blocks:`` feature
+    (None for the named features)."""
+    prefix = _block_prefix(feature)
+    if prefix is None:
         if feature not in NAMED_FEATURES:
             raise BackboneError(f"feature must be one of {FEATURES}, got {feature!r}")
         return None
     try:
-        blocks = tuple(int(v) for v in feature[len(BLOCKS_PREFIX):].split(","))
+        blocks = tuple(int(v) for v in feature[len(prefix):].split(","))
     except ValueError:
         blocks = ()
     if not blocks or min(blocks) < 0 or len(set(blocks)) != len(blocks):
-        raise BackboneError(f"{feature!r}: give distinct block indices >= 0, e.g. cls-blocks:5,7,9,11")
+        raise BackboneError(f"{feature!r}: give distinct block indices >= 0, e.g. {prefix}5,7,9,11")
     return blocks
+
+
+def block_parts(feature: str) -> tuple[str, ...]:
+    """What a block feature takes from each listed block, in output order: ``("cls",)``,
+    ``("tokens",)`` or ``("cls", "tokens")``; ``()`` for the named features."""
+    prefix = _block_prefix(feature)
+    return BLOCK_KINDS[prefix] if prefix is not None else ()
 
 
 class BackboneError(ValueError):
@@ -140,13 +157,13 @@ def _with_block_outputs(path: Path, blocks: tuple[int, ...]) -> tuple[bytes, lis
     try:
         import onnx
     except ImportError:
-        raise BackboneError("feature cls-blocks needs onnx: pip install onnx") from None
+        raise BackboneError("block features (cls-blocks, tokens-blocks) need onnx: pip install onnx") from None
     model = onnx.load(str(path))
     produced = {name for node in model.graph.node for name in node.output}
     inner = [i for i in range(256) if _BLOCK_OUTPUT.format(i) in produced]
     if not inner:
         raise BackboneError(f"{path}: no block outputs named like {_BLOCK_OUTPUT.format(0)!r} (an export of Hugging "
-                            f"Face's CLIPVisionModel has them), so feature cls-blocks is unavailable")
+                            f"Face's CLIPVisionModel has them), so block features are unavailable")
     last = max(inner) + 1
     if max(blocks) > last:
         raise BackboneError(f"{path}: has blocks 0-{last}, not {max(blocks)}")
@@ -209,7 +226,8 @@ class OnnxClipEncoder:
         dim = dim_source.shape[-1] if isinstance(dim_source.shape[-1], int) else 0
         if self.blocks is not None:
             self._outputs = [outputs[1].name if name is None else name for name in self._block_names]
-            dim *= len(self.blocks)
+            self._parts = block_parts(feature)
+            dim *= len(self.blocks) * len(self._parts)
         self.config = BackboneConfig(name=f"clip:onnx:{path}", input_size=int(size), feature=feature, dim=int(dim),
                                      fingerprint=fingerprint or file_sha256(path))
 
@@ -217,7 +235,8 @@ class OnnxClipEncoder:
         x = _normalised(views, self.config)
         if self.blocks is not None:
             outs = self.session.run(self._outputs, {self._input: x})
-            return np.concatenate([o[:, 0] for o in outs], axis=1).astype(np.float32)
+            picked = [_pick(part, None, o) for part in self._parts for o in outs]
+            return np.concatenate(picked, axis=1).astype(np.float32)
         (out,) = self.session.run(self._outputs, {self._input: x})
         if self.config.feature == "embeds":
             return _pick("embeds", out, None).astype(np.float32)
@@ -296,6 +315,6 @@ def create_backbone(name: str, *, feature: str = "embeds", threads: int | None =
     if name.startswith("clip:open_clip:"):
         model, _, pretrained = name[len("clip:open_clip:"):].partition("/")
         if feature_blocks(feature) is not None:
-            raise BackboneError("feature cls-blocks is for ONNX encoders (clip:onnx:PATH)")
+            raise BackboneError("block features (cls-blocks, tokens-blocks) are for ONNX encoders (clip:onnx:PATH)")
         return OpenClipEncoder(model, pretrained, feature=feature, device=device, allow_random=allow_random)
     raise BackboneError(f"unknown backbone {name!r}: use clip:onnx:PATH or clip:open_clip:MODEL/PRETRAINED")

@@ -791,7 +791,8 @@ def _floats(text: str) -> tuple[float, float]:
               help="CLIP probe: native-resolution crops, or CLIP's resize of the short side to 224.")
 @click.option("--feature", default="embeds", show_default=True, callback=lambda ctx, param, value: _feature(value),
               help="CLIP probe: embeds (the projected embedding), cls or tokens (the last block's class token or mean "
-                   "patch token), or cls-blocks:I,J,... (the class tokens after those blocks, e.g. cls-blocks:5,7,9,11).")
+                   "patch token), cls-blocks:I,J,... (the class tokens after those blocks, e.g. cls-blocks:5,7,9,11), "
+                   "tokens-blocks:I,J,... (their mean patch tokens) or cls+tokens-blocks:I,J,... (both).")
 @click.option("--probe-c", type=float, default=None,
               help="CLIP probe: inverse L2 strength of the logistic regression (default: chosen on validation AUC).")
 @click.option("--probe-align-jpeg", type=click.IntRange(1, 100), default=None,

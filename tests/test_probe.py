@@ -110,6 +110,26 @@ def test_cls_blocks_feature_is_the_class_token_of_each_named_block(encoder):
     assert feature_blocks("cls-blocks:5,7,9,11") == (5, 7, 9, 11) and feature_blocks("embeds") is None
 
 
+def test_tokens_blocks_features_are_patch_token_means_after_the_class_tokens(encoder):
+    """tokens-blocks:I,J gives the mean patch token after each block (the last block's is exactly the
+    `tokens` feature); cls+tokens-blocks:I,J gives the class tokens first, then the means."""
+    views = np.stack([noise_image(224, 224, seed=s) for s in range(2)])
+    last_tokens = create_backbone(f"clip:onnx:{encoder}", feature="tokens", threads=2).features(views)
+    cls = create_backbone(f"clip:onnx:{encoder}", feature="cls-blocks:5,11", threads=2).features(views)
+    tokens = create_backbone(f"clip:onnx:{encoder}", feature="tokens-blocks:5,11", threads=2)
+    both = create_backbone(f"clip:onnx:{encoder}", feature="cls+tokens-blocks:5,11", threads=2)
+    t, b = tokens.features(views), both.features(views)
+    assert t.shape == (2, 1536) and tokens.config.dim == 1536
+    assert b.shape == (2, 3072) and both.config.dim == 3072
+    np.testing.assert_allclose(t[:, 768:], last_tokens, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b[:, :1536], cls, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b[:, 1536:], t, rtol=1e-5, atol=1e-5)
+    assert feature_blocks("cls+tokens-blocks:5,11") == (5, 11) == feature_blocks("tokens-blocks:5,11")
+    for bad in ("tokens-blocks:", "cls+tokens-blocks:5,5", "tokens-block:5"):
+        with pytest.raises(BackboneError):
+            feature_blocks(bad)
+
+
 def test_open_clip_backbone_builds_by_name(tmp_path):
     open_clip = pytest.importorskip("open_clip", reason="the [clip] extra (open_clip) is not installed")
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
