@@ -14,7 +14,7 @@ Then prints, per generator family of the sealed test evaluation's ``--scores`` (
 of the shipped label and the median width, which shows where the misses are. Run from the
 repository root::
 
-    .venv/bin/python experiments/wild_heads.py --scores runs/wild_test/robustness/none_scores.csv
+    .venv/bin/python experiments/wild_heads.py --features cls-0,1,2,3,4,5,6,7,8,9,10,11 --scores runs/wild_test/scores.csv
 """
 
 from __future__ import annotations
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         column = next(c for c in scores.columns if c.startswith("logit_"))
         threshold = args.threshold
         if threshold is None:
-            from detector.checkpoints import load_model
+            from detector.checkpoints import read_metadata
 
-            threshold = load_model(ROOT / "weights" / "clip_probe_vitb16.safetensors")[1].threshold
+            threshold = read_metadata(ROOT / "weights" / "clip_probe_vitb16.safetensors")["calibration"]["threshold"]
         fakes = scores[(scores["label"].astype(int) == 1) & (scores["error"] == "")].copy()
         fakes["caught"] = fakes[column].astype(float) >= threshold
         fakes["width"] = fakes["width"].astype(float)
