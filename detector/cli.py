@@ -503,8 +503,8 @@ def _describe_checkpoint(checkpoint: Path, architecture: str | None):
             if architecture:
                 _fail(f"{checkpoint}: is a CLIP probe checkpoint; --arch does not apply to it")
             detector = ProbeDetector.from_checkpoint(checkpoint, device="cpu")
-            info, n_params = detector.info, int(detector.probe.weight.numel()) + 1
-            extra = [("encoder", f"{detector.backbone.config.name} ({detector.backbone.config.feature}, sha256 "
+            info, n_params = detector.info, detector.probe.n_parameters
+            extra = [("head", detector.config.head), ("encoder", f"{detector.backbone.config.name} ({detector.backbone.config.feature}, sha256 "
                                  f"{detector.backbone.config.fingerprint[:12]}...), {detector.config.views} "
                                  f"{detector.config.view_mode} view(s)")]
         else:
@@ -726,7 +726,7 @@ def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, p
 
 
 # train options that mean something for one kind of model only
-_PROBE_ONLY = ("views", "view_mode", "feature", "probe_c", "probe_align_jpeg", "feature_cache")
+_PROBE_ONLY = ("views", "view_mode", "feature", "probe_head", "probe_c", "probe_align_jpeg", "feature_cache")
 _RESNET_TRAINING_ONLY = ("init", "crop_size", "batch_size", "lr", "weight_decay", "steps_per_epoch", "max_epochs",
                          "max_minutes", "lr_patience", "early_stop_patience", "blur_p", "blur_sigma", "jpeg_p",
                          "jpeg_quality", "jpeg_align", "align_quality", "rotate_flip", "val_crop",
@@ -793,6 +793,9 @@ def _floats(text: str) -> tuple[float, float]:
               help="CLIP probe: embeds (the projected embedding), cls or tokens (the last block's class token or mean "
                    "patch token), cls-blocks:I,J,... (the class tokens after those blocks, e.g. cls-blocks:5,7,9,11), "
                    "tokens-blocks:I,J,... (their mean patch tokens) or cls+tokens-blocks:I,J,... (both).")
+@click.option("--probe-head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True,
+              help="CLIP probe: a logistic regression, or one hidden layer of 256 GELU units (AdamW, dropout; "
+                   "the head of the default probe).")
 @click.option("--probe-c", type=float, default=None,
               help="CLIP probe: inverse L2 strength of the logistic regression (default: chosen on validation AUC).")
 @click.option("--probe-align-jpeg", type=click.IntRange(1, 100), default=None,
@@ -803,8 +806,8 @@ def _floats(text: str) -> tuple[float, float]:
 def train(train_data, val_data, val_sources, output_dir, init, architecture, crop_size, batch_size, lr, weight_decay,
           steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
           jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
-          device, threads, seed, resume, simulate_fakes, paired, workers, decode_cache_mb, views, view_mode, feature, probe_c,
-          probe_align_jpeg, feature_cache) -> None:
+          device, threads, seed, resume, simulate_fakes, paired, workers, decode_cache_mb, views, view_mode, feature,
+          probe_head, probe_c, probe_align_jpeg, feature_cache) -> None:
     """Train or fine-tune a detector on labelled images (or fit a CLIP probe: --arch clip-probe:BACKBONE).
 
     \b
@@ -835,13 +838,17 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
         if architecture.startswith("clip-probe:"):
             _refuse_given(_RESNET_TRAINING_ONLY, "to a CLIP probe, whose encoder is frozen and whose fit is a "
                                                  "logistic regression (--arch resnet50nodown trains a network)")
+            if probe_head == "mlp" and probe_c is not None:
+                _fail("--probe-c does not apply to --probe-head mlp (a network with weight decay, not a logistic "
+                      "regression); drop it")
             from .backbones import BackboneError
             from .training.probe import ProbeTrainConfig, train_probe
 
             probe_config = ProbeTrainConfig(
                 train=list(train_data), val=list(val_data) or [f"held out of --train: {val_sources}"],
                 output_dir=output_dir, backbone=architecture[len("clip-probe:"):], feature=feature, views=views,
-                view_mode=view_mode, align_jpeg=probe_align_jpeg, c=probe_c, target_far=target_far, threads=threads,
+                view_mode=view_mode, align_jpeg=probe_align_jpeg, head=probe_head, c=probe_c, target_far=target_far,
+                threads=threads,
                 seed=seed, cache_dir=feature_cache)
             try:
                 train_probe(probe_config, train_table=table, val_table=val_table, log=lambda m: click.echo(m, err=True))

@@ -1,17 +1,21 @@
-"""The second detector: a linear probe on frozen CLIP features (:mod:`detector.backbones`).
+"""The second detector: a small head on frozen CLIP features (:mod:`detector.backbones`).
 
 It looks at what an image shows and how, where the no-downsample ResNet-50 looks at pixel-level
-traces; the two are fused by :mod:`detector.fusion`. The probe is ``logit = w . z + b`` with ``z``
-the L2-normalised feature standardised by the training set's mean and scale (Ojha et al. 2023
-and Cozzolino et al. 2024 normalise CLIP features the same way before their linear layers). An
-image's logit is the mean of its views' logits (equal to the probe of the mean standardised
-feature, because the probe is linear).
+traces; the two are fused by :mod:`detector.fusion`. Both heads read ``z``, the L2-normalised
+feature standardised by the training set's mean and scale (Ojha et al. 2023 and Cozzolino et al.
+2024 normalise CLIP features the same way before their linear layers):
 
-A probe checkpoint is safetensors (``weight``, ``bias``, ``mean``, ``scale``) with metadata naming
-the encoder (``backbone``: name, feature, input size, and the sha256 of its weights), the views
-(how many, cropped or resized), the calibration and the training record. :class:`ProbeDetector`
-loads it, finds the encoder, refuses one whose sha256 differs, and scores images with the same
-interface as :class:`detector.inference.Detector`.
+* ``linear`` (:class:`LinearProbe`): ``logit = w . z + b``, fitted by scikit-learn;
+* ``mlp`` (:class:`MLPProbe`): one hidden layer of GELU units, ``logit = v . gelu(W z + c) + b``,
+  fitted by :func:`detector.training.probe.fit_mlp_probe`.
+
+An image's logit is the mean of its views' logits.
+
+A probe checkpoint is safetensors (the head's tensors and ``mean``, ``scale``) with metadata naming
+the head, the encoder (``backbone``: name, feature, input size, and the sha256 of its weights), the
+views (how many, cropped or resized), the calibration and the training record.
+:class:`ProbeDetector` loads it, finds the encoder, refuses one whose sha256 differs, and scores
+images with the same interface as :class:`detector.inference.Detector`.
 """
 
 from __future__ import annotations
@@ -30,21 +34,25 @@ from .images import DEFAULT_MAX_PIXELS, DecodedImage, as_pixels
 from .calibration import CalibratedVerdicts, Verdict
 from .patches import VIEW_MODES, PatchSettings, encoder_views
 
-__all__ = ["PROBE_PREFIX", "LinearProbe", "ProbeConfig", "ProbeDetector", "find_encoder"]
+__all__ = ["PROBE_HEADS", "PROBE_PREFIX", "LinearProbe", "MLPProbe", "ProbeConfig", "ProbeDetector", "find_encoder",
+           "normalise", "probe_from_state"]
 
 PROBE_PREFIX = "clip-probe"
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """The probe's architecture record: which encoder, which feature, which views."""
+    """The probe's architecture record: which encoder, which feature, which views, which head."""
 
     architecture: str
     backbone: dict
     views: int = 1
     view_mode: str = "crop"
+    head: str = "linear"  # a key of PROBE_HEADS; checkpoints written before the MLP head have none
 
     def __post_init__(self) -> None:
+        if self.head not in PROBE_HEADS:
+            raise ValueError(f"head must be one of {sorted(PROBE_HEADS)}, got {self.head!r}")
         if self.views < 1 or self.view_mode not in VIEW_MODES:
             raise ValueError(f"views must be >= 1 and view_mode one of {VIEW_MODES}, got {self.views}, {self.view_mode!r}")
         if self.view_mode == "resize+crop" and self.views < 2:
@@ -54,27 +62,61 @@ class ProbeConfig:
         return asdict(self)
 
 
-class LinearProbe(nn.Module):
-    """``w . (normalise(f) - mean) / scale + b`` for features ``f`` of width ``dim``."""
+def normalise(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float64): what both heads read, before standardising."""
+    f = np.asarray(features, dtype=np.float64)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+class _Standardised(nn.Module):
+    """What every head shares: the training set's ``mean`` and ``scale`` of the normalised features."""
+
+    head = ""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        # buffers, not parameters: the probe is fitted by scikit-learn, never by autograd
-        self.register_buffer("weight", torch.zeros(dim))
-        self.register_buffer("bias", torch.zeros(()))
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
 
-    @staticmethod
-    def normalise(features: np.ndarray) -> np.ndarray:
-        """Rows scaled to unit L2 norm (float64)."""
-        f = np.asarray(features, dtype=np.float64)
-        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    normalise = staticmethod(normalise)
+
+    def standardise(self, features: np.ndarray) -> np.ndarray:
+        """``(normalise(f) - mean) / scale`` of raw encoder features ``(N, dim)`` (float64)."""
+        return (normalise(features) - self.mean.double().numpy()) / self.scale.double().numpy()
+
+
+class LinearProbe(_Standardised):
+    """``w . (normalise(f) - mean) / scale + b`` for features ``f`` of width ``dim``."""
+
+    head = "linear"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        # buffers, not parameters: the probe is fitted by scikit-learn, never by autograd
+        self.register_buffer("weight", torch.zeros(dim))
+        self.register_buffer("bias", torch.zeros(()))
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def n_parameters(self) -> int:
+        """The learnt values (weights and bias; the standardisation is not counted)."""
+        return self.dim + 1
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """Logits ``(N,)`` of raw encoder features ``(N, dim)``."""
-        z = (self.normalise(features) - self.mean.double().numpy()) / self.scale.double().numpy()
-        return z @ self.weight.double().numpy() + float(self.bias)
+        return self.standardise(features) @ self.weight.double().numpy() + float(self.bias)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "LinearProbe":
+        """The probe of a checkpoint's tensors (ValueError when they do not fit one)."""
+        if "weight" not in state or state["weight"].ndim != 1:
+            raise ValueError("a linear probe needs a weight vector")
+        probe = cls(int(state["weight"].shape[0]))
+        _load_strict(probe, state)
+        return probe
 
     @classmethod
     def from_arrays(cls, weight: np.ndarray, bias: float, mean: np.ndarray, scale: np.ndarray) -> "LinearProbe":
@@ -85,6 +127,74 @@ class LinearProbe(nn.Module):
             probe.mean.copy_(torch.as_tensor(np.asarray(mean), dtype=torch.float32))
             probe.scale.copy_(torch.as_tensor(np.asarray(scale), dtype=torch.float32))
         return probe
+
+
+class MLPProbe(_Standardised):
+    """``v . gelu(W z + c) + b`` with ``z = (normalise(f) - mean) / scale``: one hidden layer.
+
+    The dropout layers (on ``z`` and on the hidden units) act only in training mode and hold no
+    tensors, so a checkpoint is ``mean``, ``scale``, ``hidden.*`` and ``out.*``.
+    """
+
+    head = "mlp"
+
+    def __init__(self, dim: int, hidden: int = 256, *, dropout: tuple[float, float] = (0.5, 0.3)) -> None:
+        super().__init__(dim)
+        self.drop_in, self.drop_hidden = nn.Dropout(dropout[0]), nn.Dropout(dropout[1])
+        self.hidden = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    @property
+    def dim(self) -> int:
+        return int(self.hidden.in_features)
+
+    @property
+    def n_parameters(self) -> int:
+        """The learnt values (both layers; the standardisation is not counted)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N,)`` of standardised features ``(N, dim)``."""
+        h = nn.functional.gelu(self.hidden(self.drop_in(z)))
+        return self.out(self.drop_hidden(h))[:, 0]
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits ``(N,)`` of raw encoder features ``(N, dim)`` (evaluation mode: no dropout)."""
+        z = torch.as_tensor(self.standardise(features), dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self(z).double().numpy()
+        finally:
+            self.train(was_training)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "MLPProbe":
+        """The probe of a checkpoint's tensors (ValueError when they do not fit one)."""
+        w = state.get("hidden.weight")
+        if w is None or w.ndim != 2:
+            raise ValueError("an MLP probe needs a hidden.weight matrix")
+        probe = cls(int(w.shape[1]), int(w.shape[0]))
+        _load_strict(probe, state)
+        return probe
+
+
+PROBE_HEADS: dict[str, type[nn.Module]] = {"linear": LinearProbe, "mlp": MLPProbe}
+
+
+def _load_strict(probe: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    try:
+        probe.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as err:
+        raise ValueError(str(err).splitlines()[0]) from None
+
+
+def probe_from_state(head: str, state: dict[str, torch.Tensor]) -> LinearProbe | MLPProbe:
+    """The head named ``head`` (a key of :data:`PROBE_HEADS`) holding a checkpoint's tensors."""
+    if head not in PROBE_HEADS:
+        raise ValueError(f"unknown probe head {head!r} (known: {', '.join(sorted(PROBE_HEADS))})")
+    return PROBE_HEADS[head].from_state(state)
 
 
 def find_encoder(name: str, fingerprint: str, checkpoint: Path) -> str:
@@ -112,7 +222,7 @@ def find_encoder(name: str, fingerprint: str, checkpoint: Path) -> str:
 class ProbeDetector(CalibratedVerdicts):
     """A probe with its encoder, ready to score images; the interface of :class:`~detector.inference.Detector`."""
 
-    def __init__(self, probe: LinearProbe, backbone: Backbone, config: ProbeConfig, info: CheckpointInfo | None = None,
+    def __init__(self, probe: LinearProbe | MLPProbe, backbone: Backbone, config: ProbeConfig, info: CheckpointInfo | None = None,
                  *, device: str = "cpu") -> None:
         self.probe, self.backbone, self.config, self.info = probe.eval(), backbone, config, info
         # the encoder's own record of where and at what precision it runs (ONNX Runtime's provider
@@ -136,13 +246,13 @@ class ProbeDetector(CalibratedVerdicts):
                                              "std": tuple(config.backbone["std"])})
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: malformed probe metadata ({err})") from None
-        if "weight" not in state or state["weight"].ndim != 1:
-            raise CheckpointError(f"{path}: probe checkpoint without a weight vector")
-        probe = LinearProbe(int(state["weight"].shape[0]))
         try:
-            probe.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: does not fit a linear probe: {str(err).splitlines()[0]}") from None
+            probe = probe_from_state(config.head, state)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: does not fit a {config.head} probe: {err}") from None
+        if probe.dim != backbone_cfg.dim:
+            raise CheckpointError(f"{path}: the probe reads {probe.dim}-d features but its encoder record says "
+                                  f"{backbone_cfg.dim}-d")
         name = find_encoder(backbone_cfg.name, backbone_cfg.fingerprint, path)
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         # find_encoder has just checked the file's sha256 against the recorded one: not hashed twice

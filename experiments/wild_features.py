@@ -6,7 +6,10 @@ first campaign: native crops lost to it as scan and as training views, experimen
 * ``stored_resize``: the file as stored;
 * ``arrival_resize``: one arrival (:func:`detector.training.arrival.arrive`: crop, downscale,
   JPEG/WebP/PNG), the same arrival as the first campaign's (salt 1);
-* ``arrival2_resize``: a second, independent arrival (salt 2), so that training can see two.
+* ``arrival2_resize``: a second, independent arrival (salt 2), so that training can see two;
+* ``closeup_resize`` (view set ``closeup``, its own cache folder): a close-up (salt 3): a square of
+  128-512 native pixels, re-encoded as JPEG (q 70-100), WebP or PNG; what a user's crop of a large
+  photo is, and what the random area crops of an arrival almost never reach.
 
 Per view the feature is ``cls+tokens-blocks:0,...,11`` of the default encoder (CLIP ViT-B/16 int8):
 the class token and the mean patch token after every block, from one forward pass, so that the
@@ -16,6 +19,7 @@ Arrivals are seeded by the file's SHA-256, so a rerun gives the same views; feat
 file under ``--cache`` (outside the repository), so a killed run resumes where it stopped::
 
     .venv/bin/python experiments/wild_features.py data/splits/wild_pool.csv
+    .venv/bin/python experiments/wild_features.py data/splits/wild_pool.csv --views closeup
 """
 
 from __future__ import annotations
@@ -38,12 +42,19 @@ from detector.patches import encoder_views  # noqa: E402
 from detector.training.arrival import ArrivalRecipe, arrive  # noqa: E402
 from detector.training.probe import FeatureCache  # noqa: E402
 
-VIEWS = ("stored_resize", "arrival_resize", "arrival2_resize")
 ENCODER = "clip:onnx:weights/clip_vitb16.int8.onnx"
 BLOCKS = tuple(range(12))
 FEATURE = "cls+tokens-blocks:" + ",".join(map(str, BLOCKS))
 WIDTH = 768  # per block and part
 RECIPE = ArrivalRecipe()
+CLOSEUP = ArrivalRecipe(crop_p=1.0, crop_side=(128, 512), downscale_p=0.0, jpeg_p=0.7, jpeg_quality=(70, 100),
+                        webp_p=0.1, webp_quality=(70, 100))
+# view set -> (its views, the recipe of its arrivals, the seed salt of each arrival); each set has its own cache
+VIEW_SETS = {
+    "arrivals": (("stored_resize", "arrival_resize", "arrival2_resize"), RECIPE, (1, 2)),
+    "closeup": (("closeup_resize",), CLOSEUP, (3,)),
+}
+VIEWS = tuple(v for views, _, _ in VIEW_SETS.values() for v in views)
 MAX_PIXELS = 80_000_000
 
 
@@ -52,11 +63,13 @@ def seeded(sha256: str, salt: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def views_of(path: str, sha256: str, size: int = 224) -> np.ndarray:
-    """The views ``(3, size, size, 3)`` of one file, in the order of ``VIEWS``."""
+def views_of(path: str, sha256: str, view_set: str = "arrivals", size: int = 224) -> np.ndarray:
+    """The views ``(k, size, size, 3)`` of one file in ``view_set``, in the order of its names."""
+    names, recipe, salts = VIEW_SETS[view_set]
     pixels = decode_image(path, max_pixels=MAX_PIXELS).pixels
-    arrivals = [arrive(pixels, seeded(sha256, salt), RECIPE)[0] for salt in (1, 2)]
-    return np.concatenate([encoder_views(p, size=size, n=1, mode="resize") for p in (pixels, *arrivals)])
+    arrivals = [arrive(pixels, seeded(sha256, salt), recipe)[0] for salt in salts]
+    kept = ([pixels] if names[0] == "stored_resize" else []) + arrivals
+    return np.concatenate([encoder_views(p, size=size, n=1, mode="resize") for p in kept])
 
 
 def feature_columns(blocks: tuple[int, ...], parts: tuple[str, ...]) -> np.ndarray:
@@ -67,9 +80,10 @@ def feature_columns(blocks: tuple[int, ...], parts: tuple[str, ...]) -> np.ndarr
                            for part in parts for b in blocks])
 
 
-def cache_for(folder: str | Path) -> FeatureCache:
-    return FeatureCache(folder, {"encoder": "clip_vitb16.int8.onnx", "feature": FEATURE, "views": list(VIEWS),
-                                 "recipe": RECIPE.to_dict()})
+def cache_for(folder: str | Path, view_set: str = "arrivals") -> FeatureCache:
+    names, recipe, _ = VIEW_SETS[view_set]
+    return FeatureCache(folder, {"encoder": "clip_vitb16.int8.onnx", "feature": FEATURE, "views": list(names),
+                                 "recipe": recipe.to_dict()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("manifests", nargs="+")
     parser.add_argument("--cache", default="../shared-features/wild")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--views", default="arrivals", choices=list(VIEW_SETS), help="which view set to encode")
     args = parser.parse_args(argv)
     paths = []
     for manifest in args.manifests:
         paths.extend(read_labelled(manifest)["path"].tolist())
-    cache = cache_for(args.cache)
+    cache = cache_for(args.cache, args.views)
     backbone = create_backbone(ENCODER, feature=FEATURE, threads=args.threads)
     shas = [file_sha256(p) for p in paths]
     todo = [i for i, s in enumerate(shas) if cache.get(s) is None]
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def load(i: int):
         try:
-            return i, views_of(paths[i], shas[i]), ""
+            return i, views_of(paths[i], shas[i], args.views), ""
         except (ImageError, OSError, ValueError) as err:
             return i, None, str(err)
 

@@ -14,19 +14,22 @@ Steps, each a subcommand:
            so that a thousand-photo collection does not outweigh forty small ones and the CPU budget
            goes to variety. Writes ``data/splits/wild_pool.csv`` and ``data/splits/wild_test.csv``.
 ``cv``     5-fold cross-validation on the pool, grouped (no source and no generator family on both
-           sides of a fold), for the arms named by ``--features``, ``--train-views`` and ``--c``
-           (each a list; every combination is run). An arm is scored under two conditions: the
-           held-out images as stored, and after their first arrival. Rows accumulate in
-           ``experiments/wild_probe.json`` across runs (a rerun of an arm replaces its row), so a
-           staged search is recorded whole; the arm with the best mean AUC over the two conditions
-           wins. The first campaign's grid (views, C, native crops) is in
-           ``experiments/wild_probe_2026-12-04.json`` and experiments/EXPERIMENTS.md.
+           sides of a fold), for the arms named by ``--features``, ``--train-views``, ``--heads``
+           and ``--c`` (each a list; every combination is run; C applies to the linear head only).
+           An arm is scored under three conditions: the held-out images as stored, after their
+           first arrival, and as a close-up (a 128-512 px native crop, re-encoded). Rows accumulate
+           in ``experiments/wild_probe.json`` across runs (a rerun of an arm replaces its row), so a
+           staged search is recorded whole; the arm with the best mean AUC over the three
+           conditions wins. Earlier campaigns (scored on stored and arrival only) are in
+           ``experiments/wild_probe_2026-12-04.json`` (views, C, native crops) and
+           ``experiments/wild_probe_2026-12-05.json`` (blocks and tokens), and in
+           experiments/EXPERIMENTS.md.
 ``resnet`` scores a sample of the pool's new images (the data engine's; the ResNet-50 trained on
            the older ones) with the bundled ResNet-50 as ``detector scan`` does, and measures on it the
            fusion of the ResNet's calibrated margin with the winner's out-of-fold margin for several
            weights: the ResNet's weight in ``weights/detector.json`` is the best of them.
 ``fit``    fits the winner on the whole pool and writes ``--out`` (a probe checkpoint) whose
-           calibration puts 0.5 on the operating point: the strictest threshold, over both
+           calibration puts 0.5 on the operating point: the strictest threshold, over the three
            conditions, at which at most ``--target-fpr`` of the out-of-fold real scores (each source
            weighing as the training weighs it) would be called generated.
 
@@ -59,8 +62,8 @@ from detector.checkpoints import file_sha256, save_checkpoint  # noqa: E402
 from detector.datasets import read_labelled  # noqa: E402
 from detector.metrics import auc  # noqa: E402
 from detector.training.calibration import fit_operating_point, thresholds_at_fpr  # noqa: E402
-from detector.training.probe import fit_probe, group_weights, probe_config  # noqa: E402
-from wild_features import ENCODER, RECIPE, VIEWS, cache_for, feature_columns  # noqa: E402
+from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe, group_weights, probe_config  # noqa: E402
+from wild_features import CLOSEUP, ENCODER, RECIPE, VIEW_SETS, VIEWS, cache_for, feature_columns  # noqa: E402
 
 SPLITS = ROOT / "data" / "splits"
 RESULTS = ROOT / "experiments" / "wild_probe.json"
@@ -70,10 +73,12 @@ FOLDS = 5
 TRAIN_VIEWS = {
     "stored+arrival": ("stored_resize", "arrival_resize"),  # the first campaign's winner
     "stored+2arrivals": ("stored_resize", "arrival_resize", "arrival2_resize"),
+    "stored+arrival+closeup": ("stored_resize", "arrival_resize", "closeup_resize"),
 }
-# the view scored under each condition: as stored, after an arrival
-SCAN_VIEWS = ("stored_resize", "arrival_resize")
-CONDITIONS = ("stored", "arrival")
+# the view scored under each condition: as stored, after an arrival, as a close-up
+SCAN_VIEWS = ("stored_resize", "arrival_resize", "closeup_resize")
+CONDITIONS = ("stored", "arrival", "closeup")
+HEADS = ("linear", "mlp")
 
 
 def feature_set(name: str) -> tuple[str, tuple[int, ...]]:
@@ -151,16 +156,17 @@ def load_features(table: pd.DataFrame, cache_dir: str, features: str) -> tuple[p
     """The rows with cached features and their ``(n, views, dim)`` array of feature set ``features``."""
     kind, blocks = feature_set(features)
     columns = feature_columns(blocks, tuple(kind.split("+")))
-    cache = cache_for(cache_dir)
+    caches = [cache_for(cache_dir, view_set) for view_set in VIEW_SETS]  # in the order of VIEWS
     keep, feats = [], []
     for i, sha in enumerate(table["sha256"]):
-        f = cache.get(sha)
-        if f is not None:
+        parts = [cache.get(sha) for cache in caches]
+        if all(f is not None for f in parts):
             keep.append(i)
-            feats.append(f[:, columns])
+            feats.append(np.concatenate([f[:, columns] for f in parts]))
     missing = len(table) - len(keep)
     if missing:
-        print(f"note: {missing} of {len(table)} images have no features yet (run wild_features.py); left out")
+        print(f"note: {missing} of {len(table)} images lack the features of some view set (run wild_features.py "
+              f"--views {' / '.join(VIEW_SETS)}); left out")
     return table.iloc[keep].reset_index(drop=True), np.stack(feats)
 
 
@@ -168,25 +174,29 @@ def view_index(names) -> list[int]:
     return [VIEWS.index(n) for n in names]
 
 
-def fit_arm(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, train_views: str, c: float):
+def fit_arm(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, train_views: str, c: float,
+            head: str = "linear"):
     idx = view_index(TRAIN_VIEWS[train_views])
-    return fit_probe([f[idx] for f in features], labels, c=c, image_weights=weights)
+    if head == "mlp":
+        return fit_mlp_probe(features[:, idx], labels, image_weights=weights)
+    return fit_probe(features[:, idx], labels, c=c, image_weights=weights)
 
 
 def condition_logits(probe, features: np.ndarray) -> np.ndarray:
-    """``(n, 2)``: the probe's logit of every image as stored and after its first arrival."""
+    """``(n, conditions)``: the probe's logit of every image under each condition."""
     idx = view_index(SCAN_VIEWS)
     n, d = len(features), features.shape[2]
     return probe.logits(features[:, idx].reshape(n * len(idx), d)).reshape(n, len(idx))
 
 
-def out_of_fold(table: pd.DataFrame, features: np.ndarray, train_views: str, c: float) -> np.ndarray:
-    """``(n, 2)`` out-of-fold logits under both conditions (grouped folds: unseen sources and families)."""
+def out_of_fold(table: pd.DataFrame, features: np.ndarray, train_views: str, c: float,
+                head: str = "linear") -> np.ndarray:
+    """``(n, conditions)`` out-of-fold logits (grouped folds: unseen sources and families)."""
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
     out = np.zeros((len(table), len(SCAN_VIEWS)))
     for train_idx, test_idx in folds(table):
-        probe = fit_arm(features[train_idx], y[train_idx], w[train_idx], train_views, c)
+        probe = fit_arm(features[train_idx], y[train_idx], w[train_idx], train_views, c, head)
         out[test_idx] = condition_logits(probe, features[test_idx])
     return out
 
@@ -212,8 +222,23 @@ def folds(table: pd.DataFrame, seed: int = 0):
     return list(splitter.split(np.zeros(len(table)), table["label"], table["group"]))
 
 
+def operating_point(table: pd.DataFrame, oof: np.ndarray, target_fpr: float = 0.05) -> dict:
+    """The threshold ``fit`` would set from these out-of-fold logits (the strictest, over the
+    conditions, at which ``target_fpr`` of the real photos are called generated, sources weighted as
+    in training) and each condition's FPR and recall there."""
+    y = table["label"].to_numpy()
+    real = y == 0
+    w = group_weights(table["group"])
+    t = max(thresholds_at_fpr(oof[real, k], (target_fpr,), w[real])[f"{target_fpr:g}"] for k in range(oof.shape[1]))
+    out = {"op_threshold": float(t)}
+    for k, name in enumerate(CONDITIONS):
+        out[f"op_fpr_{name}"] = float((oof[real, k] >= t).mean())
+        out[f"op_recall_{name}"] = float((oof[~real, k] >= t).mean())
+    return out
+
+
 def arm_key(row: dict) -> tuple:
-    return row["features"], row["train_views"], row["C"]
+    return row["features"], row["train_views"], row["head"], row["C"]
 
 
 def cmd_cv(args) -> None:
@@ -225,24 +250,27 @@ def cmd_cv(args) -> None:
         y = table["label"].to_numpy()
         print(f"{features_name}: {features.shape[2]} dims; pool {(y == 0).sum()} real ({table[y == 0].group.nunique()} "
               f"sources), {(y == 1).sum()} generated ({table[y == 1].group.nunique()} families)", flush=True)
-        for train_views in args.train_views:
-            for c in args.c:
-                t0 = time.time()
-                oof = out_of_fold(table, features, train_views, c)
-                row = {"features": features_name, "train_views": train_views, "C": c}
-                for k, name in enumerate(CONDITIONS):
-                    row[f"auc_{name}"] = auc(y, oof[:, k])
-                    row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, oof[:, k])
-                row["score"] = (row["auc_stored"] + row["auc_arrival"]) / 2
-                row["seconds"] = round(time.time() - t0, 1)
-                rows[arm_key(row)] = row
-                print(f"{features_name:22s} {train_views:17s} C={c:<6g} stored {row['auc_stored']:.4f} "
-                      f"(worst {row['worst_stored']:.3f}) arrival {row['auc_arrival']:.4f} "
-                      f"(worst {row['worst_arrival']:.3f})  [{row['seconds']:.0f} s]", flush=True)
+        arms = [(tv, head, c) for tv in args.train_views for head in args.heads
+                for c in (args.c if head == "linear" else [None])]
+        for train_views, head, c in arms:
+            t0 = time.time()
+            oof = out_of_fold(table, features, train_views, c, head)
+            row = {"features": features_name, "train_views": train_views, "head": head, "C": c}
+            for k, name in enumerate(CONDITIONS):
+                row[f"auc_{name}"] = auc(y, oof[:, k])
+                row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, oof[:, k])
+            row["score"] = float(np.mean([row[f"auc_{name}"] for name in CONDITIONS]))
+            row.update(operating_point(table, oof))
+            row["seconds"] = round(time.time() - t0, 1)
+            rows[arm_key(row)] = row
+            print(f"{features_name:22s} {train_views:22s} {head:6s} C={c if c is not None else '-'!s:6s} "
+                  + " ".join(f"{name} {row[f'auc_{name}']:.4f} (worst {row[f'worst_{name}']:.3f})" for name in CONDITIONS)
+                  + f"; at the operating point, recall as stored {row['op_recall_stored']:.3f} "
+                  f"[{row['seconds']:.0f} s]", flush=True)
         del features
-    best = max(rows.values(), key=lambda r: (round(r["score"], 4), -r["C"]))
-    print(f"winner so far: features {best['features']}, train views {best['train_views']}, C={best['C']:g} "
-          f"(mean AUC {best['score']:.4f})")
+    best = max(rows.values(), key=lambda r: (round(r["score"], 4), -(r["C"] or 0)))
+    print(f"winner so far: features {best['features']}, train views {best['train_views']}, head {best['head']}, "
+          f"C={best['C']} (mean AUC {best['score']:.4f})")
     record.update({"pool": {"n_real": int((pool.label == 0).sum()), "n_fake": int((pool.label == 1).sum()),
                             "real_sources": int(pool[pool.label == 0].group.nunique()),
                             "fake_families": int(pool[pool.label == 1].group.nunique())},
@@ -262,7 +290,7 @@ def cmd_resnet(args) -> None:
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
-    probe_stored = out_of_fold(table, features, best["train_views"], best["C"])[:, 0]
+    probe_stored = out_of_fold(table, features, best["train_views"], best["C"], best["head"])[:, 0]
     new = table["dataset"].str.contains("shared-corpus")
     sample = pd.concat([table[new & (table.label == lab)].sort_values("sha256").head(args.n // 2) for lab in (0, 1)])
     listing = Path(args.cache) / "resnet_sample.csv"
@@ -303,32 +331,32 @@ def cmd_fit(args) -> None:
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
     # out-of-fold scores of the winner (recomputed: the operating point must come from unseen sources)
-    oof = out_of_fold(table, features, best["train_views"], best["C"])
+    oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
     per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     real = y == 0
-    strictest = max(thresholds_at_fpr(s[real], (args.target_fpr,), w[real])[f"{args.target_fpr:g}"]
-                    for s in per_condition.values())
-    both_y = np.r_[y, y]
-    both_s = np.r_[per_condition["stored"], per_condition["arrival"]]
-    calibration = fit_operating_point(both_y, both_s, target_fpr=args.target_fpr, threshold=strictest,
-                                      real_weights=np.r_[w[real], w[real]])
+    strictest = operating_point(table, oof, args.target_fpr)["op_threshold"]
+    k = len(CONDITIONS)
+    calibration = fit_operating_point(np.tile(y, k), oof.T.ravel(), target_fpr=args.target_fpr, threshold=strictest,
+                                      real_weights=np.tile(w[real], k))
     for name, s in per_condition.items():
         fpr = float((s[real] >= calibration.threshold).mean())
         recall = float((s[~real] >= calibration.threshold).mean())
         print(f"out-of-fold, {name}: FPR {fpr:.3f}, recall {recall:.3f} at threshold {calibration.threshold:.3f}")
-    probe = fit_arm(features, y, w, best["train_views"], best["C"])
+    probe = fit_arm(features, y, w, best["train_views"], best["C"], best["head"])
     feature = product_feature(best["features"])
     backbone = create_backbone(ENCODER, feature=feature)
-    probe.config = probe_config(ENCODER, backbone, views=1, view_mode="resize")
+    probe.config = probe_config(ENCODER, backbone, views=1, view_mode="resize", head=best["head"])
     metadata = {
         "architecture": probe.config.architecture,
         "probe": probe.config.to_dict(),
         "config": {"campaign": "experiments/wild_probe.py", "train_views": list(TRAIN_VIEWS[best["train_views"]]),
-                   "arrival_recipe": RECIPE.to_dict(), "c": best["C"], "group_weight_power": 0.5,
+                   "arrival_recipe": RECIPE.to_dict(), "closeup_recipe": CLOSEUP.to_dict(), "head": best["head"],
+                   **({"mlp": MLPRecipe().to_dict()} if best["head"] == "mlp" else {}), "c": best["C"],
+                   "group_weight_power": 0.5,
                    "feature": feature, "backbone": ENCODER},
         "data": {"pool": "data/splits/wild_pool.csv", "n_train": int(len(y)), "n_train_real": int(real.sum()),
                  "n_train_fake": int((~real).sum()), "sealed_test": "data/splits/wild_test.csv"},
-        "cv": {k: best[k] for k in ("auc_stored", "auc_arrival", "worst_stored", "worst_arrival", "score")},
+        "cv": {key: best[key] for key in best if key.startswith(("auc_", "worst_", "op_")) or key == "score"},
         "c": best["C"],
         "calibration": calibration.to_dict(),
         "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -337,7 +365,8 @@ def cmd_fit(args) -> None:
     record["operating_point"] = {"threshold": calibration.threshold, "temperature": calibration.temperature,
                                  "target_fpr": args.target_fpr}
     RESULTS.write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out}: features {feature}, train views {best['train_views']}, C={best['C']:g}, one resized view, "
+    print(f"wrote {args.out}: features {feature}, train views {best['train_views']}, head {best['head']}, "
+          f"C={best['C']}, one resized view, "
           f"threshold {calibration.threshold:.3f}, temperature {calibration.temperature:.3f}")
 
 
@@ -355,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--features", nargs="+", default=["cls-5,7,9,11"],
                            help="feature sets KIND-I,J,... (KIND cls, tokens or cls+tokens; blocks 0-11)")
             p.add_argument("--train-views", nargs="+", default=["stored+arrival"], choices=sorted(TRAIN_VIEWS))
-            p.add_argument("--c", nargs="+", type=float, default=[0.001])
+            p.add_argument("--heads", nargs="+", default=["linear"], choices=HEADS)
+            p.add_argument("--c", nargs="+", type=float, default=[0.001], help="the linear head's C values")
         if name == "resnet":
             p.add_argument("-n", type=int, default=300, help="images scored (half real, half generated)")
         if name == "fit":

@@ -312,3 +312,91 @@ def test_arrivals_are_seeded_and_stay_within_the_recipe():
     assert seen == {"jpeg", "webp", "png"}
     untouched, how = arrive(px, np.random.default_rng(0), ArrivalRecipe(crop_p=0, downscale_p=0, jpeg_p=0, webp_p=0))
     assert how == "png" and np.array_equal(untouched, px)
+
+
+def test_close_up_arrivals_are_native_squares_within_the_side_range_and_keep_the_area_recipe():
+    from detector.training.arrival import ArrivalRecipe, arrive
+
+    px = noise_image(900, 1200)
+    closeup = ArrivalRecipe(crop_p=1.0, crop_side=(128, 512), downscale_p=0.0)
+    sides = set()
+    for seed in range(30):
+        out, how = arrive(px, np.random.default_rng(seed), closeup)
+        assert out.shape[0] == out.shape[1] and 128 <= out.shape[0] <= 512 and how.startswith("close-up")
+        sides.add(out.shape[0])
+    assert len(sides) > 10
+    small = noise_image(100, 90)  # smaller than the range: the whole short side
+    assert arrive(small, np.random.default_rng(0), closeup)[0].shape[:2] == (90, 90)
+    # the area recipe draws the same numbers as before close-ups existed, and records no crop_side
+    assert "crop_side" not in ArrivalRecipe().to_dict() and closeup.to_dict()["crop_side"] == (128, 512)
+    assert arrive(px, np.random.default_rng(5))[1] == arrive(px, np.random.default_rng(5), ArrivalRecipe())[1]
+
+
+def test_mlp_head_separates_what_a_linear_head_cannot_and_is_deterministic():
+    from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (600, 6))
+    y = (np.abs(x[:, 0]) > 0.8).astype(int)  # a band: no hyperplane separates it
+    feats = [f[None] for f in x]
+    recipe = MLPRecipe(hidden=32, epochs=60, batch_size=64, weight_decay=0.0, dropout=(0.0, 0.0))
+    from detector.metrics import auc
+
+    mlp = fit_mlp_probe(feats, y, recipe=recipe, seed=1)
+    linear = fit_probe(feats, y, c=1.0)
+    assert auc(y, mlp.logits(x)) > 0.9 > auc(y, linear.logits(x)) + 0.2
+    again = fit_mlp_probe(feats, y, recipe=recipe, seed=1)
+    assert np.array_equal(mlp.logits(x), again.logits(x)) and not mlp.training
+    assert mlp.n_parameters == 6 * 32 + 32 + 32 + 1
+
+
+@pytest.fixture(scope="module")
+def trained_mlp_probe(tmp_path_factory, encoder, trained_probe) -> Path:
+    _, _, table = trained_probe
+    out = tmp_path_factory.mktemp("mlp_probe")
+    config = ProbeTrainConfig(train=["fixture"], val=["fixture"], output_dir=str(out), backbone=f"clip:onnx:{encoder}",
+                              views=1, head="mlp", threads=2, cache_dir=str(out / "features"))
+    record = train_probe(config, train_table=table, val_table=table, log=lambda m: None)
+    assert record["probe"]["head"] == "mlp" and record["c"] is None and record["mlp"]["hidden"] == 256
+    return out / "probe.safetensors"
+
+
+def test_mlp_probe_checkpoint_reloads_scores_and_shows_its_head(trained_mlp_probe, trained_probe):
+    from detector.probe import MLPProbe
+
+    _, _, table = trained_probe
+    a = ProbeDetector.from_checkpoint(trained_mlp_probe, device="cpu", threads=2)
+    b = load_detector(trained_mlp_probe, device="cpu")
+    assert isinstance(a.probe, MLPProbe) and a.config.head == "mlp"
+    logits = []
+    for p in table["path"][:6]:
+        va, vb = a.predict(p), b.predict(p)
+        assert va.logit == vb.logit and (va.label == "fake") == (va.probability >= 0.5)
+        logits.append(va.logit)
+    assert len(set(np.round(logits, 6))) > 1
+    done = CliRunner().invoke(main, ["info", str(trained_mlp_probe)])
+    assert done.exit_code == 0, done.output
+    assert "mlp" in done.output and f"{a.probe.n_parameters / 1e6:.1f} M parameters" in done.output
+
+
+def test_probe_checkpoints_whose_tensors_do_not_fit_their_head_are_refused(trained_mlp_probe, trained_probe, tmp_path):
+    from safetensors.torch import save_file
+
+    from detector.checkpoints import METADATA_KEY, CheckpointError, read_state_dict
+
+    linear_path, _, _ = trained_probe
+    state, metadata = read_state_dict(trained_mlp_probe)
+    cases = {
+        "says linear, holds an MLP": (state, {**metadata, "probe": {**metadata["probe"], "head": "linear"}}),
+        "says mlp, holds a linear probe": (read_state_dict(linear_path)[0],
+                                          {**metadata, "probe": {**metadata["probe"], "head": "mlp"}}),
+        "hidden layer cut": ({**state, "out.weight": state["out.weight"][:, :8]}, metadata),
+        "unknown head": (state, {**metadata, "probe": {**metadata["probe"], "head": "forest"}}),
+    }
+    for name, (tensors, meta) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+        with pytest.raises(CheckpointError):
+            ProbeDetector.from_checkpoint(path, device="cpu")
+    assert CliRunner().invoke(main, ["train", "--arch", "clip-probe:x", "--train", "a.csv", "--val", "b.csv",
+                                     "--output-dir", str(tmp_path), "--probe-head", "mlp", "--probe-c", "1"]).exit_code != 0

@@ -4,7 +4,9 @@ A probe trained only on whole images resized to the encoder's input learns what 
 picture looks like, and then reads a zoomed-in crop of a photo as a sign of generation. People
 scan crops, thumbnails, re-shared JPEGs and WebPs and screenshots. An *arrival* is one such
 history drawn at random: a crop of 1/16 of the area to all of it, a downscale to 25-100%, then a
-re-encoding (JPEG at quality 60-100, WebP at 60-100, or a lossless PNG re-save). Real and
+re-encoding (JPEG at quality 60-100, WebP at 60-100, or a lossless PNG re-save). A *close-up*
+recipe (``crop_side``) crops a square of a few hundred native pixels instead of a share of the
+area: what a 256 px crop of a 12-megapixel photo is, far below 1/16 of its area. Real and
 generated images draw from the same distribution, so that neither format nor size separates the
 classes. Every choice comes from the generator passed in: a view is a pure function of
 (pixels, seed).
@@ -35,16 +37,30 @@ class ArrivalRecipe:
     jpeg_quality: tuple[int, int] = (60, 100)
     webp_p: float = 0.2
     webp_quality: tuple[int, int] = (60, 100)
+    # when set, crops are squares whose side (native pixels, clipped to the image) is drawn
+    # log-uniformly from this range instead of a share of the area
+    crop_side: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The recipe as recorded; ``crop_side`` only when set, so area-crop records keep their keys."""
+        record = asdict(self)
+        if record["crop_side"] is None:
+            del record["crop_side"]
+        return record
 
 
 def arrive(pixels: np.ndarray, rng: np.random.Generator, recipe: ArrivalRecipe = ArrivalRecipe()) -> tuple[np.ndarray, str]:
     """One arrival of RGB uint8 ``pixels``: the new pixels and a short description of what was done."""
     h, w = pixels.shape[:2]
     steps = []
-    if rng.random() < recipe.crop_p:
+    crop = rng.random() < recipe.crop_p
+    if crop and recipe.crop_side is not None:
+        side = float(np.exp(rng.uniform(np.log(recipe.crop_side[0]), np.log(recipe.crop_side[1]))))
+        ch = cw = int(min(h, w, max(recipe.min_side, round(side))))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        pixels = pixels[top : top + ch, left : left + cw]
+        steps.append(f"close-up {cw}x{ch}")
+    elif crop:
         lo, hi = np.log(recipe.crop_area[0]), np.log(recipe.crop_area[1])
         area = float(np.exp(rng.uniform(lo, hi)))
         aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))

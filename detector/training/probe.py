@@ -31,11 +31,11 @@ from ..checkpoints import atomic_write, file_sha256, save_checkpoint
 from ..images import ImageError, decode_image
 from ..metrics import auc
 from ..patches import encoder_views
-from ..probe import PROBE_PREFIX, LinearProbe, ProbeConfig
+from ..probe import PROBE_PREFIX, LinearProbe, MLPProbe, ProbeConfig, normalise
 from .calibration import fit_calibration
 
-__all__ = ["C_GRID", "FeatureCache", "ProbeTrainConfig", "embed_images", "fit_probe", "group_weights", "probe_config",
-           "train_probe"]
+__all__ = ["C_GRID", "FeatureCache", "MLPRecipe", "ProbeTrainConfig", "embed_images", "fit_mlp_probe", "fit_probe",
+           "group_weights", "probe_config", "train_probe"]
 
 READ_AHEAD = 8  # images decoded ahead of the encoder, at most
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -54,6 +54,7 @@ class ProbeTrainConfig:
     view_mode: str = "crop"
     align_jpeg: int | None = None
     c: float | None = None
+    head: str = "linear"  # "linear" (C chosen on validation) or "mlp" (MLPRecipe)
     target_far: float | None = None
     threads: int | None = None
     max_pixels: int = 1 << 28
@@ -183,9 +184,21 @@ def group_weights(groups: Sequence[str], power: float = 0.5) -> np.ndarray:
     return n ** power / n
 
 
-def image_logits(probe: LinearProbe, features: Sequence[np.ndarray]) -> np.ndarray:
+def image_logits(probe: LinearProbe | MLPProbe, features: Sequence[np.ndarray]) -> np.ndarray:
     """Each image's logit: the mean of its views' logits."""
     return np.array([float(np.mean(probe.logits(f))) for f in features])
+
+
+def _design(features: Sequence[np.ndarray], labels: np.ndarray, image_weights: np.ndarray | None):
+    """What both heads are fitted on: standardised, L2-normalised view rows, their labels, and
+    weights (summing to the number of rows) that give each class half of the total; plus the
+    standardisation's mean and scale."""
+    x, y, w = _stack(features, np.asarray(labels), image_weights)
+    z = normalise(x)
+    mean, scale = z.mean(axis=0), z.std(axis=0) + 1e-6
+    for cls in (0, 1):  # each class carries half of the weight, whatever the counts
+        w[y == cls] *= 0.5 / w[y == cls].sum()
+    return (z - mean) / scale, y, w * len(w), mean, scale
 
 
 def fit_probe(
@@ -200,14 +213,59 @@ def fit_probe(
     (``image_weights``: each image's weight within its class, e.g. :func:`group_weights`)."""
     from sklearn.linear_model import LogisticRegression
 
-    x, y, w = _stack(train_features, np.asarray(train_labels), image_weights)
-    z = LinearProbe.normalise(x)
-    mean, scale = z.mean(axis=0), z.std(axis=0) + 1e-6
-    for cls in (0, 1):  # each class carries half of the weight, whatever the counts
-        w[y == cls] *= 0.5 / w[y == cls].sum()
+    z, y, w, mean, scale = _design(train_features, train_labels, image_weights)
     model = LogisticRegression(C=c, max_iter=5000, random_state=seed)
-    model.fit((z - mean) / scale, y, sample_weight=w * len(w))
+    model.fit(z, y, sample_weight=w)
     return LinearProbe.from_arrays(model.coef_[0], float(model.intercept_[0]), mean, scale)
+
+
+@dataclass(frozen=True)
+class MLPRecipe:
+    """How :func:`fit_mlp_probe` trains: chosen by the grouped cross-validation of #18
+    (``experiments/wild_probe.py cv --heads``); recorded in the checkpoint."""
+
+    hidden: int = 256
+    dropout: tuple[float, float] = (0.5, 0.3)  # on the standardised features, on the hidden units
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_mlp_probe(
+    train_features: Sequence[np.ndarray],
+    train_labels: np.ndarray,
+    *,
+    recipe: MLPRecipe = MLPRecipe(),
+    seed: int = 0,
+    image_weights: np.ndarray | None = None,
+) -> MLPProbe:
+    """A one-hidden-layer head trained with AdamW on the same rows and weights as :func:`fit_probe`
+    (weighted binary cross-entropy, dropout; deterministic for a given ``seed``)."""
+    import torch
+
+    z, y, w, mean, scale = _design(train_features, train_labels, image_weights)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the layers' initialisation
+    probe = MLPProbe(z.shape[1], recipe.hidden, dropout=recipe.dropout)
+    with torch.no_grad():
+        probe.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        probe.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+    zt, yt, wt = (torch.as_tensor(a, dtype=torch.float32) for a in (z, y, w))
+    optimiser = torch.optim.AdamW(probe.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    probe.train()
+    for _ in range(recipe.epochs):
+        order = torch.randperm(len(zt), generator=generator)
+        for i in range(0, len(zt), recipe.batch_size):
+            b = order[i : i + recipe.batch_size]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(zt[b]), yt[b], weight=wt[b])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return probe.eval()
 
 
 def _usable(table: pd.DataFrame, features: list[np.ndarray | None]) -> tuple[list[np.ndarray], np.ndarray, pd.DataFrame]:
@@ -215,7 +273,8 @@ def _usable(table: pd.DataFrame, features: list[np.ndarray | None]) -> tuple[lis
     return [features[i] for i in keep], table["label"].to_numpy()[keep], table.iloc[keep].reset_index(drop=True)
 
 
-def probe_config(backbone_name: str, backbone: Backbone, *, views: int, view_mode: str) -> ProbeConfig:
+def probe_config(backbone_name: str, backbone: Backbone, *, views: int, view_mode: str,
+                 head: str = "linear") -> ProbeConfig:
     """The architecture record of a probe on ``backbone`` (created from ``backbone_name``).
 
     An ONNX encoder is recorded by file name: a checkout and an installed package keep it in
@@ -225,12 +284,15 @@ def probe_config(backbone_name: str, backbone: Backbone, *, views: int, view_mod
     if backbone_name.startswith("clip:onnx:"):
         record = {**record, "name": f"clip:onnx:{Path(backbone_name[len('clip:onnx:'):]).name}"}
     return ProbeConfig(architecture=f"{PROBE_PREFIX}:{backbone_name}", backbone=record, views=views,
-                       view_mode=view_mode)
+                       view_mode=view_mode, head=head)
 
 
 def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_table: pd.DataFrame,
                 log: Callable[[str], None] = print) -> dict:
-    """Encode, fit, choose ``C`` on validation, calibrate, and write ``probe.safetensors``."""
+    """Encode, fit (a linear head: ``C`` chosen on validation; an MLP head: :class:`MLPRecipe`),
+    calibrate on validation, and write ``probe.safetensors``."""
+    if config.head not in ("linear", "mlp"):
+        raise ValueError(f"head must be linear or mlp, got {config.head!r}")
     t0 = time.time()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,18 +308,23 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
     if len(set(train_y)) < 2 or len(set(val_y)) < 2:
         raise ValueError("the probe needs real and generated images in both the training and the validation data")
     encode_minutes = (time.time() - t0) / 60
-    grid = [config.c] if config.c is not None else list(C_GRID)
-    scores = {}
-    for c in grid:
-        probe = fit_probe(train_f, train_y, c=c, seed=config.seed)
-        scores[c] = auc(val_y, image_logits(probe, val_f))
-        log(f"C={c:g}: validation AUC {scores[c]:.4f}")
-    best_c = max(grid, key=lambda c: (scores[c], -abs(np.log(c))))
-    probe = fit_probe(train_f, train_y, c=best_c, seed=config.seed)
+    scores: dict[float, float] = {}
+    best_c = None
+    if config.head == "mlp":
+        probe = fit_mlp_probe(train_f, train_y, seed=config.seed)
+    else:
+        grid = [config.c] if config.c is not None else list(C_GRID)
+        for c in grid:
+            probe = fit_probe(train_f, train_y, c=c, seed=config.seed)
+            scores[c] = auc(val_y, image_logits(probe, val_f))
+            log(f"C={c:g}: validation AUC {scores[c]:.4f}")
+        best_c = max(grid, key=lambda c: (scores[c], -abs(np.log(c))))
+        probe = fit_probe(train_f, train_y, c=best_c, seed=config.seed)
     val_logits = image_logits(probe, val_f)
     calibration = fit_calibration(val_y, val_logits, target_far=config.target_far)
     arch = f"{PROBE_PREFIX}:{config.backbone}"
-    probe.config = probe_config(config.backbone, backbone, views=config.views, view_mode=config.view_mode)
+    probe.config = probe_config(config.backbone, backbone, views=config.views, view_mode=config.view_mode,
+                                head=config.head)
     record = {
         "architecture": arch,
         "probe": probe.config.to_dict(),
@@ -266,6 +333,7 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
                  "n_train_real": int((train_y == 0).sum()), "n_train_fake": int((train_y == 1).sum())},
         "c_grid": {f"{c:g}": s for c, s in scores.items()},
         "c": best_c,
+        **({"mlp": MLPRecipe().to_dict()} if config.head == "mlp" else {}),
         "val_auc": auc(val_y, val_logits),
         "calibration": calibration.to_dict(),
         "minutes": {"encode": encode_minutes, "total": (time.time() - t0) / 60},
@@ -274,6 +342,6 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
     save_checkpoint(out / "probe.safetensors", probe, record, dtype=None)
     for name, table in (("train_manifest.csv", train_t), ("val_manifest.csv", val_t)):
         atomic_write(out / name, lambda tmp, t=table: t.to_csv(tmp, index=False))
-    log(f"probe: C={best_c:g}, validation AUC {record['val_auc']:.4f}, {record['minutes']['total']:.1f} min "
+    log(f"probe: {'MLP head' if best_c is None else f'C={best_c:g}'}, validation AUC {record['val_auc']:.4f}, {record['minutes']['total']:.1f} min "
         f"-> {out / 'probe.safetensors'}")
     return record
