@@ -61,7 +61,7 @@ from detector.backbones import create_backbone  # noqa: E402
 from detector.checkpoints import file_sha256, save_checkpoint  # noqa: E402
 from detector.datasets import read_labelled  # noqa: E402
 from detector.metrics import auc  # noqa: E402
-from detector.training.calibration import fit_operating_point, thresholds_at_fpr  # noqa: E402
+from detector.training.calibration import FPR_TARGETS, fit_operating_point, strictest_thresholds  # noqa: E402
 from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe, group_weights, probe_config  # noqa: E402
 from wild_features import CLOSEUP, ENCODER, RECIPE, VIEW_SETS, VIEWS, cache_for, feature_columns  # noqa: E402
 
@@ -229,12 +229,25 @@ def operating_point(table: pd.DataFrame, oof: np.ndarray, target_fpr: float = 0.
     y = table["label"].to_numpy()
     real = y == 0
     w = group_weights(table["group"])
-    t = max(thresholds_at_fpr(oof[real, k], (target_fpr,), w[real])[f"{target_fpr:g}"] for k in range(oof.shape[1]))
+    t = strictest_thresholds([oof[real, k] for k in range(oof.shape[1])], (target_fpr,), w[real])[f"{target_fpr:g}"]
     out = {"op_threshold": float(t)}
     for k, name in enumerate(CONDITIONS):
         out[f"op_fpr_{name}"] = float((oof[real, k] >= t).mean())
         out[f"op_recall_{name}"] = float((oof[~real, k] >= t).mean())
     return out
+
+
+def save_oof(cache_dir: str, row: dict, table: pd.DataFrame, oof: np.ndarray) -> Path:
+    """An arm's out-of-fold logits beside the feature cache (for later analysis of operating points)."""
+    folder = Path(cache_dir) / "oof"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "_".join(str(v) for v in arm_key(row)).replace(",", ".").replace("+", "-")
+    path = folder / f"{name}.csv"
+    frame = table[["sha256", "label", "group"]].copy()
+    for k, condition in enumerate(CONDITIONS):
+        frame[condition] = oof[:, k]
+    frame.to_csv(path, index=False)
+    return path
 
 
 def arm_key(row: dict) -> tuple:
@@ -263,6 +276,7 @@ def cmd_cv(args) -> None:
             row.update(operating_point(table, oof))
             row["seconds"] = round(time.time() - t0, 1)
             rows[arm_key(row)] = row
+            save_oof(args.cache, row, table, oof)
             print(f"{features_name:22s} {train_views:22s} {head:6s} C={c if c is not None else '-'!s:6s} "
                   + " ".join(f"{name} {row[f'auc_{name}']:.4f} (worst {row[f'worst_{name}']:.3f})" for name in CONDITIONS)
                   + f"; at the operating point, recall as stored {row['op_recall_stored']:.3f} "
@@ -334,10 +348,10 @@ def cmd_fit(args) -> None:
     oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
     per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     real = y == 0
-    strictest = operating_point(table, oof, args.target_fpr)["op_threshold"]
+    points = strictest_thresholds([oof[real, k] for k in range(oof.shape[1])],
+                                  sorted({*FPR_TARGETS, args.target_fpr}), w[real])
     k = len(CONDITIONS)
-    calibration = fit_operating_point(np.tile(y, k), oof.T.ravel(), target_fpr=args.target_fpr, threshold=strictest,
-                                      real_weights=np.tile(w[real], k))
+    calibration = fit_operating_point(np.tile(y, k), oof.T.ravel(), target_fpr=args.target_fpr, points=points)
     for name, s in per_condition.items():
         fpr = float((s[real] >= calibration.threshold).mean())
         recall = float((s[~real] >= calibration.threshold).mean())

@@ -116,3 +116,18 @@ def test_target_fpr_moves_the_operating_point_and_keeps_label_and_probability_to
                                 "-q", "--workers", "0", "--target-fpr", "0.01", *common])
     assert done.exit_code != 0 and "no operating points" in done.output
     assert not (tmp_path / "no.csv").exists()
+
+
+def test_strictest_thresholds_keep_every_condition_under_each_rate():
+    from detector.training.calibration import fit_operating_point, strictest_thresholds, thresholds_at_fpr
+
+    rng = np.random.default_rng(0)
+    stored, cropped = rng.normal(0, 1, 400), rng.normal(0.7, 1, 400)  # the same reals, harsher when cropped
+    points = strictest_thresholds([stored, cropped], (0.01, 0.05))
+    for key, rate in (("0.01", 0.01), ("0.05", 0.05)):
+        assert points[key] == max(thresholds_at_fpr(stored, (rate,))[key], thresholds_at_fpr(cropped, (rate,))[key])
+        assert (stored >= points[key]).mean() <= rate and (cropped >= points[key]).mean() <= rate
+    fakes = rng.normal(3, 1, 400)
+    y = np.r_[np.zeros(800), np.ones(800)]
+    cal = fit_operating_point(y, np.r_[stored, cropped, fakes, fakes], target_fpr=0.05, points=points)
+    assert cal.threshold == points["0.05"] and cal.operating_points == points

@@ -15,6 +15,7 @@ Both are stored in the checkpoint (with the scoring settings they were fitted fo
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
@@ -22,7 +23,7 @@ from scipy.optimize import minimize, minimize_scalar
 from ..metrics import equal_error_rate, logloss, sigmoid
 
 __all__ = ["FPR_TARGETS", "Calibration", "calibrate_detector", "calibration_from_evaluation", "fit_calibration",
-           "fit_operating_point", "fit_platt", "fit_temperature", "thresholds_at_fpr"]
+           "fit_operating_point", "fit_platt", "fit_temperature", "strictest_thresholds", "thresholds_at_fpr"]
 
 # False-positive rates a user may ask for (`--target-fpr`); each gets its threshold in the checkpoint
 FPR_TARGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -68,19 +69,29 @@ def thresholds_at_fpr(real_logits: np.ndarray, targets=FPR_TARGETS, weights: np.
     return out
 
 
+def strictest_thresholds(real_logits: Sequence[np.ndarray], targets=FPR_TARGETS,
+                         weights: np.ndarray | None = None) -> dict[str, float]:
+    """For each target rate, the highest of the conditions' :func:`thresholds_at_fpr`: the threshold
+    that keeps every condition (the same reals scored as stored, cropped, re-encoded, ...) at or under
+    the rate. ``weights`` are the reals' weights, the same in every condition."""
+    per_condition = [thresholds_at_fpr(r, targets, weights) for r in real_logits]
+    return {key: max(points[key] for points in per_condition) for key in per_condition[0]}
+
+
 def fit_operating_point(labels: np.ndarray, logits: np.ndarray, *, target_fpr: float = 0.05,
                         real_weights: np.ndarray | None = None, threshold: float | None = None,
-                        settings: dict | None = None) -> Calibration:
+                        settings: dict | None = None, points: dict[str, float] | None = None) -> Calibration:
     """A calibration whose 0.5 falls on the operating point: the threshold at which at most
     ``target_fpr`` of the (weighted) reals are called generated, and the temperature that fits the
-    probabilities around it. ``threshold`` overrides the one computed here (e.g. the strictest of
-    several conditions); the operating points of :data:`FPR_TARGETS` are stored beside it, so a user
-    can ask for another rate without refitting.
+    probabilities around it. The operating points of :data:`FPR_TARGETS` are stored beside it, so a
+    user can ask for another rate without refitting. ``points`` replaces those computed here (e.g.
+    :func:`strictest_thresholds` over several conditions) and ``threshold`` the chosen one.
     """
     y = np.asarray(labels).astype(int)
     s = np.asarray(logits, dtype=np.float64)
     _both(y)
-    points = thresholds_at_fpr(s[y == 0], sorted({*FPR_TARGETS, target_fpr}), real_weights)
+    if points is None:
+        points = thresholds_at_fpr(s[y == 0], sorted({*FPR_TARGETS, target_fpr}), real_weights)
     t = points[f"{target_fpr:g}"] if threshold is None else float(threshold)
     temperature = fit_temperature(y, s, t)
     return Calibration(temperature, t, f"fpr<={target_fpr:g}", int((y == 0).sum()), int((y == 1).sum()),
