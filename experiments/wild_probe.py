@@ -250,6 +250,21 @@ def save_oof(cache_dir: str, row: dict, table: pd.DataFrame, oof: np.ndarray) ->
     return path
 
 
+def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.ndarray) -> np.ndarray:
+    """The winner's out-of-fold logits: read from the CSV that ``cv`` (or an earlier ``fit``) saved when it
+    holds exactly these images, else recomputed (deterministic for both heads) and saved."""
+    name = "_".join(str(v) for v in arm_key(best)).replace(",", ".").replace("+", "-")
+    path = Path(cache_dir) / "oof" / f"{name}.csv"
+    if path.exists():
+        saved = pd.read_csv(path)
+        if saved["sha256"].tolist() == table["sha256"].tolist():
+            print(f"out-of-fold logits of the winner read from {path}")
+            return saved[list(CONDITIONS)].to_numpy()
+    oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
+    save_oof(cache_dir, best, table, oof)
+    return oof
+
+
 def arm_key(row: dict) -> tuple:
     return row["features"], row["train_views"], row["head"], row["C"]
 
@@ -304,7 +319,7 @@ def cmd_resnet(args) -> None:
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
-    probe_stored = out_of_fold(table, features, best["train_views"], best["C"], best["head"])[:, 0]
+    probe_stored = winner_oof(args.cache, best, table, features)[:, 0]
     new = table["dataset"].str.contains("shared-corpus")
     sample = pd.concat([table[new & (table.label == lab)].sort_values("sha256").head(args.n // 2) for lab in (0, 1)])
     listing = Path(args.cache) / "resnet_sample.csv"
@@ -344,8 +359,8 @@ def cmd_fit(args) -> None:
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
-    # out-of-fold scores of the winner (recomputed: the operating point must come from unseen sources)
-    oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
+    # out-of-fold scores of the winner (the operating point must come from unseen sources)
+    oof = winner_oof(args.cache, best, table, features)
     per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     real = y == 0
     points = strictest_thresholds([oof[real, k] for k in range(oof.shape[1])],
