@@ -237,12 +237,16 @@ def operating_point(table: pd.DataFrame, oof: np.ndarray, target_fpr: float = 0.
     return out
 
 
+def oof_path(cache_dir: str, row: dict) -> Path:
+    """Where an arm's out-of-fold logits are kept, beside the feature cache."""
+    name = "_".join(str(v) for v in arm_key(row)).replace(",", ".").replace("+", "-")
+    return Path(cache_dir) / "oof" / f"{name}.csv"
+
+
 def save_oof(cache_dir: str, row: dict, table: pd.DataFrame, oof: np.ndarray) -> Path:
     """An arm's out-of-fold logits beside the feature cache (for later analysis of operating points)."""
-    folder = Path(cache_dir) / "oof"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "_".join(str(v) for v in arm_key(row)).replace(",", ".").replace("+", "-")
-    path = folder / f"{name}.csv"
+    path = oof_path(cache_dir, row)
+    path.parent.mkdir(parents=True, exist_ok=True)
     frame = table[["sha256", "label", "group"]].copy()
     for k, condition in enumerate(CONDITIONS):
         frame[condition] = oof[:, k]
@@ -253,8 +257,7 @@ def save_oof(cache_dir: str, row: dict, table: pd.DataFrame, oof: np.ndarray) ->
 def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.ndarray) -> np.ndarray:
     """The winner's out-of-fold logits: read from the CSV that ``cv`` (or an earlier ``fit``) saved when it
     holds exactly these images, else recomputed (deterministic for both heads) and saved."""
-    name = "_".join(str(v) for v in arm_key(best)).replace(",", ".").replace("+", "-")
-    path = Path(cache_dir) / "oof" / f"{name}.csv"
+    path = oof_path(cache_dir, best)
     if path.exists():
         saved = pd.read_csv(path)
         if saved["sha256"].tolist() == table["sha256"].tolist():
