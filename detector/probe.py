@@ -9,7 +9,11 @@ feature standardised by the training set's mean and scale (Ojha et al. 2023 and 
 * ``mlp`` (:class:`MLPProbe`): one hidden layer of GELU units, ``logit = v . gelu(W z + c) + b``,
   fitted by :func:`detector.training.probe.fit_mlp_probe`.
 
-An image's logit is the mean of its views' logits.
+An image's logit is the mean of its views' logits, less the probe's size offset where it has one
+(:meth:`ProbeConfig.size_offset`): a constant per band of the image's short side, fitted on real
+photos only so that each band calls the same share of unseen real photos generated (real close-ups
+of a few hundred pixels score higher than whole photos; one threshold for all sizes lets them
+through or holds every large image to their standard).
 
 A probe checkpoint is safetensors (the head's tensors and ``mean``, ``scale``) with metadata naming
 the head, the encoder (``backbone``: name, feature, input size, and the sha256 of its weights), the
@@ -49,8 +53,17 @@ class ProbeConfig:
     views: int = 1
     view_mode: str = "crop"
     head: str = "linear"  # a key of PROBE_HEADS; checkpoints written before the MLP head have none
+    # {"edges": [e1, ..., ek], "offsets": [o0, ..., ok]}: short sides below e1 take o0, from e1 below e2 o1, ...
+    size_offsets: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.size_offsets is not None:
+            edges, offsets = self.size_offsets.get("edges"), self.size_offsets.get("offsets")
+            if (not isinstance(edges, list) or not isinstance(offsets, list) or len(offsets) != len(edges) + 1
+                    or any(b <= a for a, b in zip(edges, edges[1:]))
+                    or not all(np.isfinite(float(v)) for v in [*edges, *offsets])):
+                raise ValueError("size_offsets needs increasing finite 'edges' and one finite offset more than edges, "
+                                 f"got {self.size_offsets!r}")
         if self.head not in PROBE_HEADS:
             raise ValueError(f"head must be one of {sorted(PROBE_HEADS)}, got {self.head!r}")
         if self.views < 1 or self.view_mode not in VIEW_MODES:
@@ -59,7 +72,17 @@ class ProbeConfig:
             raise ValueError("the resize+crop view mode needs views >= 2 (one resized view and views - 1 crops)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.size_offsets is None:  # checkpoints without offsets keep the record they always had
+            del out["size_offsets"]
+        return out
+
+    def size_offset(self, height: int, width: int) -> float:
+        """What is taken off the logit of an image of this size (0 without offsets)."""
+        if not self.size_offsets:
+            return 0.0
+        band = int(np.searchsorted(self.size_offsets["edges"], min(height, width), side="right"))
+        return float(self.size_offsets["offsets"][band])
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -271,16 +294,20 @@ class ProbeDetector(CalibratedVerdicts):
         return encoder_views(pixels, size=self.backbone.config.input_size, n=self.config.views,
                              mode=self.config.view_mode)
 
-    def score_views(self, views: np.ndarray) -> float:
-        """The image logit: the mean of its views' probe logits."""
-        return float(np.mean(self.probe.logits(self.backbone.features(views))))
+    def score_views(self, views: np.ndarray, size: tuple[int, int] | None = None) -> float:
+        """The image logit: the mean of its views' probe logits, less the size offset of an image of
+        ``size`` (height, width), which a probe with offsets needs."""
+        if size is None and self.config.size_offsets:
+            raise ValueError("this probe's logit depends on the image's size: pass size=(height, width)")
+        offset = self.config.size_offset(*size) if size is not None else 0.0
+        return float(np.mean(self.probe.logits(self.backbone.features(views)))) - offset
 
     def score_pixels(self, pixels: np.ndarray, settings: PatchSettings | None = None, *, fusion: str = "mean",
                      batch_size: int = 16) -> tuple[float, np.ndarray, int]:
         """Image logit, a one-cell map and the number of views (``settings`` and ``fusion`` are the
         ResNet's cutting options and do not apply to the probe, whose views are its own)."""
         views = self.views(pixels)
-        logit = self.score_views(views)
+        logit = self.score_views(views, size=pixels.shape[:2])
         return logit, np.full((1, 1), logit), len(views)
 
     def predict(self, image: str | os.PathLike | np.ndarray | DecodedImage, *,
@@ -302,6 +329,7 @@ class ProbeDetector(CalibratedVerdicts):
             "feature": self.backbone.config.feature,
             "views": self.config.views,
             "view_mode": self.config.view_mode,
+            "size_offsets": self.config.size_offsets,
             "device": str(self.device),
             "precision": self.precision,
             "temperature": self.temperature,

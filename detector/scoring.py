@@ -174,7 +174,7 @@ def _finish(p: _Pending, model_set: "ModelSet", mode: str, fusion: str) -> Score
                 logit, canvas = combine_crops(item["plan"], p.maps, mode=mode, rule=fusion, stride=conv.stride,
                                               height=item["height"], width=item["width"])
             else:
-                logit = member.score_views(next(views).numpy())
+                logit = member.score_views(next(views).numpy(), size=(item["height"], item["width"]))
             logits.append(logit)
         n = len(item["plan"]) if conv is not None else sum(len(v) for v in item["views"])
         verdict = model_set.combine(logits, logit_map=canvas, n_patches=n, width=item["width"], height=item["height"])

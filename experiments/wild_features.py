@@ -9,7 +9,14 @@ first campaign: native crops lost to it as scan and as training views, experimen
 * ``arrival2_resize``: a second, independent arrival (salt 2), so that training can see two;
 * ``closeup_resize`` (view set ``closeup``, its own cache folder): a close-up (salt 3): a square of
   128-512 native pixels, re-encoded as JPEG (q 70-100), WebP or PNG; what a user's crop of a large
-  photo is, and what the random area crops of an arrival almost never reach.
+  photo is, and what the random area crops of an arrival almost never reach;
+* view set ``wild`` (its own cache folder): the four conditions of ``detector evaluate --wild``
+  (:data:`detector.evaluation.conditions.WILD_CONDITIONS`: centre 256 px crop + JPEG 90, 50%
+  downscale, JPEG 75, a screenshot-like PNG re-save), made by the same code as the evaluation's, so
+  that an operating point can be set on the pool's out-of-fold scores under exactly those conditions.
+
+Beside each view set's features, the size (height, width) of every view before the resize is kept
+(a second cache, ``shapes``), for operating points that depend on how large an image arrives.
 
 Per view the feature is ``cls+tokens-blocks:0,...,11`` of the default encoder (CLIP ViT-B/16 int8):
 the class token and the mean patch token after every block, from one forward pass, so that the
@@ -38,6 +45,7 @@ from detector.backbones import create_backbone  # noqa: E402
 from detector.checkpoints import file_sha256  # noqa: E402
 from detector.datasets import read_labelled  # noqa: E402
 from detector.images import ImageError, decode_image  # noqa: E402
+from detector.evaluation.conditions import WILD_CONDITIONS, condition_rng, parse_perturbations  # noqa: E402
 from detector.patches import encoder_views  # noqa: E402
 from detector.training.arrival import ArrivalRecipe, arrive  # noqa: E402
 from detector.training.probe import FeatureCache  # noqa: E402
@@ -53,6 +61,7 @@ CLOSEUP = ArrivalRecipe(crop_p=1.0, crop_side=(128, 512), downscale_p=0.0, jpeg_
 VIEW_SETS = {
     "arrivals": (("stored_resize", "arrival_resize", "arrival2_resize"), RECIPE, (1, 2)),
     "closeup": (("closeup_resize",), CLOSEUP, (3,)),
+    "wild": (("center256+jpeg90_resize", "resize0.5_resize", "jpeg75_resize", "screenshot1080_resize"), None, ()),
 }
 VIEWS = tuple(v for views, _, _ in VIEW_SETS.values() for v in views)
 MAX_PIXELS = 80_000_000
@@ -63,13 +72,18 @@ def seeded(sha256: str, salt: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def views_of(path: str, sha256: str, view_set: str = "arrivals", size: int = 224) -> np.ndarray:
-    """The views ``(k, size, size, 3)`` of one file in ``view_set``, in the order of its names."""
+def views_of(path: str, sha256: str, view_set: str = "arrivals", size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """The views ``(k, size, size, 3)`` of one file in ``view_set``, in the order of its names, and
+    the ``(k, 2)`` height and width of each before it was resized to ``size``."""
     names, recipe, salts = VIEW_SETS[view_set]
     pixels = decode_image(path, max_pixels=MAX_PIXELS).pixels
-    arrivals = [arrive(pixels, seeded(sha256, salt), recipe)[0] for salt in salts]
-    kept = ([pixels] if names[0] == "stored_resize" else []) + arrivals
-    return np.concatenate([encoder_views(p, size=size, n=1, mode="resize") for p in kept])
+    if recipe is None:  # the evaluation's conditions, seeded as `detector evaluate` seeds them (seed 0)
+        kept = [c.apply(pixels, condition_rng(0, sha256, c.name)) for c in parse_perturbations(WILD_CONDITIONS)]
+    else:
+        arrivals = [arrive(pixels, seeded(sha256, salt), recipe)[0] for salt in salts]
+        kept = ([pixels] if names[0] == "stored_resize" else []) + arrivals
+    shapes = np.array([p.shape[:2] for p in kept])
+    return np.concatenate([encoder_views(p, size=size, n=1, mode="resize") for p in kept]), shapes
 
 
 def feature_columns(blocks: tuple[int, ...], parts: tuple[str, ...]) -> np.ndarray:
@@ -80,10 +94,12 @@ def feature_columns(blocks: tuple[int, ...], parts: tuple[str, ...]) -> np.ndarr
                            for part in parts for b in blocks])
 
 
-def cache_for(folder: str | Path, view_set: str = "arrivals") -> FeatureCache:
+def cache_for(folder: str | Path, view_set: str = "arrivals", what: str = "features") -> FeatureCache:
+    """The cache of ``view_set``'s features, or with ``what="shapes"`` of its views' sizes."""
     names, recipe, _ = VIEW_SETS[view_set]
-    return FeatureCache(folder, {"encoder": "clip_vitb16.int8.onnx", "feature": FEATURE, "views": list(names),
-                                 "recipe": recipe.to_dict()})
+    made_by = {"recipe": recipe.to_dict()} if recipe is not None else {"conditions": list(WILD_CONDITIONS)}
+    settings = {"encoder": "clip_vitb16.int8.onnx", "feature": FEATURE, "views": list(names), **made_by}
+    return FeatureCache(folder, settings if what == "features" else {**settings, "what": what})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,24 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     for manifest in args.manifests:
         paths.extend(read_labelled(manifest)["path"].tolist())
     cache = cache_for(args.cache, args.views)
+    shape_cache = cache_for(args.cache, args.views, "shapes")
     backbone = create_backbone(ENCODER, feature=FEATURE, threads=args.threads)
     shas = [file_sha256(p) for p in paths]
-    todo = [i for i, s in enumerate(shas) if cache.get(s) is None]
+    todo = [i for i, s in enumerate(shas) if cache.get(s) is None or shape_cache.get(s) is None]
     print(f"{len(paths)} images, {len(paths) - len(todo)} cached, {len(todo)} to encode", flush=True)
 
     def load(i: int):
         try:
-            return i, views_of(paths[i], shas[i], args.views), ""
+            return i, *views_of(paths[i], shas[i], args.views), ""
         except (ImageError, OSError, ValueError) as err:
-            return i, None, str(err)
+            return i, None, None, str(err)
 
     start = time.time()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for n, (i, views, error) in enumerate(pool.map(load, todo), start=1):
+        for n, (i, views, shapes, error) in enumerate(pool.map(load, todo), start=1):
             if views is None:
                 print(f"skipped {paths[i]}: {error}", flush=True)
                 continue
             cache.put(shas[i], backbone.features(views))
+            shape_cache.put(shas[i], shapes)
             if n % 100 == 0:
                 print(f"{n}/{len(todo)} ({time.time() - start:.0f} s)", flush=True)
     print(f"done: {len(todo)} encoded in {time.time() - start:.0f} s", flush=True)

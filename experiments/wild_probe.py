@@ -48,6 +48,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -61,7 +62,8 @@ from detector.backbones import create_backbone  # noqa: E402
 from detector.checkpoints import file_sha256, save_checkpoint  # noqa: E402
 from detector.datasets import read_labelled  # noqa: E402
 from detector.metrics import auc  # noqa: E402
-from detector.training.calibration import FPR_TARGETS, fit_operating_point, strictest_thresholds  # noqa: E402
+from detector.training.calibration import (FPR_TARGETS, fit_operating_point, fit_size_offsets,  # noqa: E402
+                                           strictest_thresholds)
 from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe, group_weights, probe_config  # noqa: E402
 from wild_features import CLOSEUP, ENCODER, RECIPE, VIEW_SETS, VIEWS, cache_for, feature_columns  # noqa: E402
 
@@ -75,10 +77,15 @@ TRAIN_VIEWS = {
     "stored+2arrivals": ("stored_resize", "arrival_resize", "arrival2_resize"),
     "stored+arrival+closeup": ("stored_resize", "arrival_resize", "closeup_resize"),
 }
-# the view scored under each condition: as stored, after an arrival, as a close-up
-SCAN_VIEWS = ("stored_resize", "arrival_resize", "closeup_resize")
-CONDITIONS = ("stored", "arrival", "closeup")
+# the view scored under each condition: as stored, after an arrival, as a close-up, and the four
+# conditions of `detector evaluate --wild` (added after the arms were chosen: the operating point holds
+# under them, the choice of arm is still the mean AUC over the first three, CHOICE_CONDITIONS)
+SCAN_VIEWS = ("stored_resize", "arrival_resize", "closeup_resize", "center256+jpeg90_resize", "resize0.5_resize",
+              "jpeg75_resize", "screenshot1080_resize")
+CONDITIONS = ("stored", "arrival", "closeup", "crop256+jpeg90", "half", "jpeg75", "screenshot")
+CHOICE_CONDITIONS = CONDITIONS[:3]
 HEADS = ("linear", "mlp")
+SIZE_EDGES = ()  # bands of the size offsets (fit --size-edges)
 
 
 def feature_set(name: str) -> tuple[str, tuple[int, ...]]:
@@ -168,6 +175,24 @@ def load_features(table: pd.DataFrame, cache_dir: str, features: str) -> tuple[p
         print(f"note: {missing} of {len(table)} images lack the features of some view set (run wild_features.py "
               f"--views {' / '.join(VIEW_SETS)}); left out")
     return table.iloc[keep].reset_index(drop=True), np.stack(feats)
+
+
+def load_sides(table: pd.DataFrame, cache_dir: str) -> np.ndarray:
+    """``(n, conditions)``: the short side, in pixels, of every image's view under each condition
+    (before the encoder's resize), from the shapes that wild_features.py keeps beside the features."""
+    shapes = [cache_for(cache_dir, view_set, "shapes") for view_set in VIEW_SETS]
+    out = np.zeros((len(table), len(SCAN_VIEWS)))
+    for i, sha in enumerate(table["sha256"]):
+        parts = [cache.get(sha) for cache in shapes]
+        if any(part is None for part in parts):
+            raise SystemExit(f"no view sizes for {sha}: run wild_features.py again (it fills in the sizes)")
+        out[i] = np.concatenate(parts).min(axis=1)[view_index(SCAN_VIEWS)]
+    return out
+
+
+def band_offsets(sides: np.ndarray, edges: list[float], offsets: list[float]) -> np.ndarray:
+    """The offset (ProbeConfig.size_offset) of every entry of ``sides``."""
+    return np.asarray(offsets)[np.searchsorted(np.asarray(edges, dtype=float), sides, side="right")]
 
 
 def view_index(names) -> list[int]:
@@ -260,7 +285,7 @@ def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.nda
     path = oof_path(cache_dir, best)
     if path.exists():
         saved = pd.read_csv(path)
-        if saved["sha256"].tolist() == table["sha256"].tolist():
+        if saved["sha256"].tolist() == table["sha256"].tolist() and set(CONDITIONS) <= set(saved.columns):
             print(f"out-of-fold logits of the winner read from {path}")
             return saved[list(CONDITIONS)].to_numpy()
     oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
@@ -290,7 +315,7 @@ def cmd_cv(args) -> None:
             for k, name in enumerate(CONDITIONS):
                 row[f"auc_{name}"] = auc(y, oof[:, k])
                 row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, oof[:, k])
-            row["score"] = float(np.mean([row[f"auc_{name}"] for name in CONDITIONS]))
+            row["score"] = float(np.mean([row[f"auc_{name}"] for name in CHOICE_CONDITIONS]))
             row.update(operating_point(table, oof))
             row["seconds"] = round(time.time() - t0, 1)
             rows[arm_key(row)] = row
@@ -364,8 +389,24 @@ def cmd_fit(args) -> None:
     w = group_weights(table["group"])
     # out-of-fold scores of the winner (the operating point must come from unseen sources)
     oof = winner_oof(args.cache, best, table, features)
-    per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     real = y == 0
+    size_offsets = None
+    if args.size_edges:
+        sides = load_sides(table, args.cache)
+        offsets = fit_size_offsets([oof[real, k] for k in range(oof.shape[1])],
+                                   [sides[real, k] for k in range(oof.shape[1])], args.size_edges,
+                                   target_fpr=args.target_fpr, weights=w[real])
+        size_offsets = {"edges": [float(e) for e in args.size_edges], "offsets": offsets}
+        print("size offsets (short side below " + ", ".join(f"{e:g}" for e in args.size_edges) + " px, then above): "
+              + ", ".join(f"{o:+.3f}" for o in offsets))
+        raw = oof
+        oof = oof - band_offsets(sides, size_offsets["edges"], offsets)
+        for k, name in enumerate(CONDITIONS):
+            counts = np.bincount(np.searchsorted(args.size_edges, sides[:, k], side="right"),
+                                 minlength=len(offsets))
+            print(f"  {name:15s} images per band {counts.tolist()}")
+        del raw
+    per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     points = strictest_thresholds([oof[real, k] for k in range(oof.shape[1])],
                                   sorted({*FPR_TARGETS, args.target_fpr}), w[real])
     k = len(CONDITIONS)
@@ -374,10 +415,13 @@ def cmd_fit(args) -> None:
         fpr = float((s[real] >= calibration.threshold).mean())
         recall = float((s[~real] >= calibration.threshold).mean())
         print(f"out-of-fold, {name}: FPR {fpr:.3f}, recall {recall:.3f} at threshold {calibration.threshold:.3f}")
+    if args.dry_run:
+        return
     probe = fit_arm(features, y, w, best["train_views"], best["C"], best["head"])
     feature = product_feature(best["features"])
     backbone = create_backbone(ENCODER, feature=feature)
-    probe.config = probe_config(ENCODER, backbone, views=1, view_mode="resize", head=best["head"])
+    probe.config = replace(probe_config(ENCODER, backbone, views=1, view_mode="resize", head=best["head"]),
+                           size_offsets=size_offsets)
     metadata = {
         "architecture": probe.config.architecture,
         "probe": probe.config.to_dict(),
@@ -423,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "fit":
             p.add_argument("--out", default="weights/clip_probe_vitb16.safetensors")
             p.add_argument("--target-fpr", type=float, default=0.05)
+            p.add_argument("--size-edges", nargs="*", type=float, default=list(SIZE_EDGES),
+                           help="short sides (px) that bound the bands of the size offsets; none: no offsets")
+            p.add_argument("--dry-run", action="store_true", help="print the operating point; write nothing")
     args = parser.parse_args(argv)
     {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet}[args.command](args)
     return 0

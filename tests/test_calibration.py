@@ -131,3 +131,26 @@ def test_strictest_thresholds_keep_every_condition_under_each_rate():
     y = np.r_[np.zeros(800), np.ones(800)]
     cal = fit_operating_point(y, np.r_[stored, cropped, fakes, fakes], target_fpr=0.05, points=points)
     assert cal.threshold == points["0.05"] and cal.operating_points == points
+
+
+def test_size_offsets_give_every_band_of_sizes_the_same_false_positive_rate():
+    from detector.training.calibration import fit_size_offsets, strictest_thresholds
+
+    rng = np.random.default_rng(1)
+    # the same 3,000 reals under two conditions; small views (close-ups) score higher than large ones
+    sides = [rng.choice([200, 800, 2000], 3000), np.full(3000, 256)]
+    logits = [rng.normal(0, 1, 3000) + 1.5 * (sides[0] < 300), rng.normal(1.2, 1, 3000)]
+    edges = [300, 1000]
+    offsets = fit_size_offsets(logits, sides, edges, target_fpr=0.05, min_reals=100)
+    assert offsets[-1] == 0 and offsets[0] > 1 and abs(offsets[1]) < 0.3
+    shifted = [z - np.asarray(offsets)[np.searchsorted(edges, s, side="right")] for z, s in zip(logits, sides)]
+    t = strictest_thresholds(shifted, (0.05,))["0.05"]
+    for z, s in zip(shifted, sides):
+        for band in np.unique(np.searchsorted(edges, s, side="right")):
+            inside = np.searchsorted(edges, s, side="right") == band
+            assert (z[inside] >= t).mean() <= 0.05 + 0.02  # each band near the rate, none far above it
+    # a band with too few reals borrows the offset of the next larger band; the largest must have enough
+    few = fit_size_offsets([logits[0]], [sides[0]], [100, 300, 1000], min_reals=100)
+    assert few[0] == few[1]
+    with pytest.raises(ValueError, match="too few real photos"):
+        fit_size_offsets([logits[0]], [sides[0]], [300, 5000], min_reals=100)

@@ -400,3 +400,40 @@ def test_probe_checkpoints_whose_tensors_do_not_fit_their_head_are_refused(train
             ProbeDetector.from_checkpoint(path, device="cpu")
     assert CliRunner().invoke(main, ["train", "--arch", "clip-probe:x", "--train", "a.csv", "--val", "b.csv",
                                      "--output-dir", str(tmp_path), "--probe-head", "mlp", "--probe-c", "1"]).exit_code != 0
+
+
+def test_a_probe_with_size_offsets_takes_its_band_offset_off_the_logit_in_predict_and_scan(trained_probe, tmp_path):
+    from safetensors.torch import save_file
+
+    from detector.checkpoints import METADATA_KEY, CheckpointError, read_state_dict
+
+    path, _, table = trained_probe
+    state, metadata = read_state_dict(path)
+    plain = ProbeDetector.from_checkpoint(path, device="cpu", threads=2)
+    images = list(table["path"][:3])
+    sides = [min(plain.predict(p).width, plain.predict(p).height) for p in images]
+    edge = sorted(sides)[0] + 1  # the smallest image falls below the edge, the others (if larger) above
+    offsets = {"edges": [float(edge)], "offsets": [2.5, -0.5]}
+    shifted_path = tmp_path / "offsets.safetensors"
+    save_file(state, str(shifted_path),
+              metadata={METADATA_KEY: json.dumps({**metadata, "probe": {**metadata["probe"], "size_offsets": offsets}})})
+    shifted = ProbeDetector.from_checkpoint(shifted_path, device="cpu", threads=2)
+    out = tmp_path / "scan.csv"
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": images}).to_csv(listing, index=False)
+    done = CliRunner().invoke(main, ["scan", str(listing), "--weights", str(shifted_path), "-o", str(out), "-q"])
+    assert done.exit_code == 0, done.output
+    scanned = pd.read_csv(out).set_index("path")["logit"]
+    for p, side in zip(images, sides):
+        expected = plain.predict(p).logit - (2.5 if side < edge else -0.5)
+        v = shifted.predict(p)
+        assert v.logit == pytest.approx(expected, abs=1e-5) and (v.label == "fake") == (v.probability >= 0.5)
+        assert scanned[[k for k in scanned.index if k.endswith(Path(p).name)][0]] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="pass size"):
+        shifted.score_views(shifted.views(np.zeros((64, 64, 3), np.uint8)))
+    for bad in ({"edges": [300.0], "offsets": [1.0]}, {"edges": [600.0, 300.0], "offsets": [0.0, 1.0, 2.0]}):
+        bad_path = tmp_path / "bad.safetensors"
+        save_file(state, str(bad_path),
+                  metadata={METADATA_KEY: json.dumps({**metadata, "probe": {**metadata["probe"], "size_offsets": bad}})})
+        with pytest.raises(CheckpointError, match="malformed probe metadata"):
+            ProbeDetector.from_checkpoint(bad_path, device="cpu")

@@ -23,7 +23,8 @@ from scipy.optimize import minimize, minimize_scalar
 from ..metrics import equal_error_rate, logloss, sigmoid
 
 __all__ = ["FPR_TARGETS", "Calibration", "calibrate_detector", "calibration_from_evaluation", "fit_calibration",
-           "fit_operating_point", "fit_platt", "fit_temperature", "strictest_thresholds", "thresholds_at_fpr"]
+           "fit_operating_point", "fit_platt", "fit_size_offsets", "fit_temperature", "strictest_thresholds",
+           "thresholds_at_fpr"]
 
 # False-positive rates a user may ask for (`--target-fpr`); each gets its threshold in the checkpoint
 FPR_TARGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -76,6 +77,37 @@ def strictest_thresholds(real_logits: Sequence[np.ndarray], targets=FPR_TARGETS,
     the rate. ``weights`` are the reals' weights, the same in every condition."""
     per_condition = [thresholds_at_fpr(r, targets, weights) for r in real_logits]
     return {key: max(points[key] for points in per_condition) for key in per_condition[0]}
+
+
+def fit_size_offsets(real_logits: Sequence[np.ndarray], real_sides: Sequence[np.ndarray], edges: Sequence[float], *,
+                     target_fpr: float = 0.05, weights: np.ndarray | None = None, min_reals: int = 100) -> list[float]:
+    """Per band of an image's short side (below ``edges[0]``, from ``edges[0]`` below ``edges[1]``, ...,
+    from ``edges[-1]`` up), what to take off the logit so that every band calls the same share of real
+    photos generated: the band's :func:`strictest_thresholds` at ``target_fpr`` over the conditions that
+    put at least ``min_reals`` reals in it, less that of the last band (whose offset is 0).
+
+    ``real_logits[k]`` and ``real_sides[k]`` are the reals' logits and short sides under condition ``k``;
+    ``weights`` the reals' weights (the same in every condition). A band no condition fills enough
+    takes the offset of the nearest larger band that has one: too few photos to tell, no correction.
+    """
+    w_all = None if weights is None else np.asarray(weights, dtype=np.float64)
+    n_bands = len(edges) + 1
+    thresholds: list[float | None] = []
+    for band in range(n_bands):
+        per_condition = []
+        for logits, sides in zip(real_logits, real_sides):
+            inside = np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(sides, dtype=np.float64),
+                                     side="right") == band
+            if inside.sum() >= min_reals:
+                w = None if w_all is None else w_all[inside]
+                per_condition.append(thresholds_at_fpr(np.asarray(logits)[inside], (target_fpr,), w)[f"{target_fpr:g}"])
+        thresholds.append(max(per_condition) if per_condition else None)
+    if thresholds[-1] is None:
+        raise ValueError(f"too few real photos ({min_reals} needed) with a short side of at least {edges[-1]:g} px")
+    for band in range(n_bands - 2, -1, -1):  # an empty band borrows from the next larger one
+        if thresholds[band] is None:
+            thresholds[band] = thresholds[band + 1]
+    return [float(t - thresholds[-1]) for t in thresholds]
 
 
 def fit_operating_point(labels: np.ndarray, logits: np.ndarray, *, target_fpr: float = 0.05,
