@@ -28,15 +28,22 @@ Steps, each a subcommand:
            the older ones) with the bundled ResNet-50 as ``detector scan`` does, and measures on it the
            fusion of the ResNet's calibrated margin with the winner's out-of-fold margin for several
            weights: the ResNet's weight in ``weights/detector.json`` is the best of them.
-``fit``    fits the winner on the whole pool and writes ``--out`` (a probe checkpoint) whose
-           calibration puts 0.5 on the operating point: the strictest threshold, over the three
-           conditions, at which at most ``--target-fpr`` of the out-of-fold real scores (each source
-           weighing as the training weighs it) would be called generated.
+``bands``  compares bands of image sizes for the probe's size offsets (:meth:`detector.probe.ProbeConfig.
+           size_offset`) on the winner's out-of-fold logits under seven conditions (the three above
+           and the four of ``detector evaluate --wild``): per candidate, the offsets that give every
+           band the same false-positive rate, then the operating point; the candidate with the best
+           mean recall over the conditions is recorded as chosen (``size_bands`` in the record).
+``fit``    fits the winner on the whole pool and writes ``--out`` (a probe checkpoint) with the chosen
+           size offsets and a calibration that puts 0.5 on the operating point: the strictest
+           threshold, over the seven conditions, at which at most ``--target-fpr`` of the out-of-fold
+           real scores (offsets taken off; each source weighing as the training weighs it) would be
+           called generated.
 
 Run from the repository root::
 
     .venv/bin/python experiments/wild_probe.py split ../shared/data/dev/manifest.csv ...
     .venv/bin/python experiments/wild_probe.py cv --features cls-5,7,9,11 cls+tokens-5,7,9,11 --c 0.001
+    .venv/bin/python experiments/wild_probe.py bands
     .venv/bin/python experiments/wild_probe.py fit --out weights/clip_probe_vitb16.safetensors
 """
 
@@ -85,7 +92,6 @@ SCAN_VIEWS = ("stored_resize", "arrival_resize", "closeup_resize", "center256+jp
 CONDITIONS = ("stored", "arrival", "closeup", "crop256+jpeg90", "half", "jpeg75", "screenshot")
 CHOICE_CONDITIONS = CONDITIONS[:3]
 HEADS = ("linear", "mlp")
-SIZE_EDGES = ()  # bands of the size offsets (fit --size-edges)
 
 
 def feature_set(name: str) -> tuple[str, tuple[int, ...]]:
@@ -348,6 +354,11 @@ def cmd_resnet(args) -> None:
     best = record["winner"]
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
     probe_stored = winner_oof(args.cache, best, table, features)[:, 0]
+    del features
+    cal = record.get("operating_point") or {}
+    if cal.get("size_offsets"):  # the shipped probe's logit has its size offset taken off
+        edges, offsets = cal["size_offsets"]["edges"], cal["size_offsets"]["offsets"]
+        probe_stored = probe_stored - band_offsets(load_sides(table, args.cache)[:, 0], edges, offsets)
     new = table["dataset"].str.contains("shared-corpus")
     sample = pd.concat([table[new & (table.label == lab)].sort_values("sha256").head(args.n // 2) for lab in (0, 1)])
     listing = Path(args.cache) / "resnet_sample.csv"
@@ -362,7 +373,6 @@ def cmd_resnet(args) -> None:
     scores = scores[scores["error"] == ""]
     resnet = dict(zip(scores["path"], scores["logit"].astype(float)))
     _, info = load_model(weights)
-    cal = record.get("operating_point") or {}
     t, temp = cal.get("threshold", 0.0), cal.get("temperature", 1.0)
     keep = [i for i, p in zip(sample.index, sample["path"]) if p in resnet]
     y = table.loc[keep, "label"].to_numpy()
@@ -381,6 +391,45 @@ def cmd_resnet(args) -> None:
     print(f"chosen ResNet weight: {best_w['resnet_weight']:g}")
 
 
+# candidate edges of the size bands (short side, px), compared by `bands`; () is one band: no offsets
+BAND_CANDIDATES = ((), (320,), (320, 640), (320, 640, 1280), (400, 800, 1600), (288, 448, 704, 1088))
+
+
+def size_offsets_for(table: pd.DataFrame, oof: np.ndarray, sides: np.ndarray, edges, target_fpr: float) -> list[float]:
+    """The size offsets that the out-of-fold real scores give for bands bounded by ``edges``."""
+    real = table["label"].to_numpy() == 0
+    w = group_weights(table["group"])
+    return fit_size_offsets([oof[real, k] for k in range(oof.shape[1])], [sides[real, k] for k in range(oof.shape[1])],
+                            edges, target_fpr=target_fpr, weights=w[real])
+
+
+def cmd_bands(args) -> None:
+    """Compare the candidate size bands on the winner's out-of-fold scores: offsets fitted, then the
+    operating point over all conditions; the bands with the best mean recall over the conditions win
+    (the false-positive rate is held at the target in every condition by construction)."""
+    record = json.loads(RESULTS.read_text())
+    best = record["winner"]
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    oof = winner_oof(args.cache, best, table, features)
+    del features
+    sides = load_sides(table, args.cache)
+    rows = []
+    for edges in BAND_CANDIDATES:
+        offsets = size_offsets_for(table, oof, sides, edges, args.target_fpr) if edges else [0.0]
+        shifted = oof - band_offsets(sides, list(edges), offsets) if edges else oof
+        row = {"edges": list(edges), "offsets": offsets, **operating_point(table, shifted, args.target_fpr)}
+        row["mean_recall"] = float(np.mean([row[f"op_recall_{name}"] for name in CONDITIONS]))
+        rows.append(row)
+        print(f"edges {str(list(edges)):26s} offsets {' '.join(f'{o:+.2f}' for o in offsets):28s} mean recall "
+              f"{row['mean_recall']:.3f}; " + ", ".join(f"{name} {row[f'op_fpr_{name}']:.3f}/{row[f'op_recall_{name}']:.3f}"
+                                                       for name in CONDITIONS), flush=True)
+    chosen = max(rows, key=lambda r: (round(r["mean_recall"], 3), -len(r["edges"])))
+    print(f"chosen: edges {chosen['edges']} (mean recall {chosen['mean_recall']:.3f}); per condition FPR/recall above")
+    record["size_bands"] = {"target_fpr": args.target_fpr, "rows": rows, "chosen": chosen["edges"],
+                            "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    RESULTS.write_text(json.dumps(record, indent=1))
+
+
 def cmd_fit(args) -> None:
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
@@ -390,22 +439,15 @@ def cmd_fit(args) -> None:
     # out-of-fold scores of the winner (the operating point must come from unseen sources)
     oof = winner_oof(args.cache, best, table, features)
     real = y == 0
+    edges = args.size_edges if args.size_edges is not None else (record.get("size_bands") or {}).get("chosen", [])
     size_offsets = None
-    if args.size_edges:
+    if edges:
         sides = load_sides(table, args.cache)
-        offsets = fit_size_offsets([oof[real, k] for k in range(oof.shape[1])],
-                                   [sides[real, k] for k in range(oof.shape[1])], args.size_edges,
-                                   target_fpr=args.target_fpr, weights=w[real])
-        size_offsets = {"edges": [float(e) for e in args.size_edges], "offsets": offsets}
-        print("size offsets (short side below " + ", ".join(f"{e:g}" for e in args.size_edges) + " px, then above): "
+        offsets = size_offsets_for(table, oof, sides, edges, args.target_fpr)
+        size_offsets = {"edges": [float(e) for e in edges], "offsets": offsets}
+        print("size offsets (short side below " + ", ".join(f"{e:g}" for e in edges) + " px, then above): "
               + ", ".join(f"{o:+.3f}" for o in offsets))
-        raw = oof
-        oof = oof - band_offsets(sides, size_offsets["edges"], offsets)
-        for k, name in enumerate(CONDITIONS):
-            counts = np.bincount(np.searchsorted(args.size_edges, sides[:, k], side="right"),
-                                 minlength=len(offsets))
-            print(f"  {name:15s} images per band {counts.tolist()}")
-        del raw
+        oof = oof - band_offsets(sides, edges, offsets)
     per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     points = strictest_thresholds([oof[real, k] for k in range(oof.shape[1])],
                                   sorted({*FPR_TARGETS, args.target_fpr}), w[real])
@@ -428,7 +470,7 @@ def cmd_fit(args) -> None:
         "config": {"campaign": "experiments/wild_probe.py", "train_views": list(TRAIN_VIEWS[best["train_views"]]),
                    "arrival_recipe": RECIPE.to_dict(), "closeup_recipe": CLOSEUP.to_dict(), "head": best["head"],
                    **({"mlp": MLPRecipe().to_dict()} if best["head"] == "mlp" else {}), "c": best["C"],
-                   "group_weight_power": 0.5,
+                   "group_weight_power": 0.5, "operating_point_conditions": list(CONDITIONS),
                    "feature": feature, "backbone": ENCODER},
         "data": {"pool": "data/splits/wild_pool.csv", "n_train": int(len(y)), "n_train_real": int(real.sum()),
                  "n_train_fake": int((~real).sum()), "sealed_test": "data/splits/wild_test.csv"},
@@ -439,7 +481,7 @@ def cmd_fit(args) -> None:
     }
     save_checkpoint(args.out, probe, metadata, dtype=None)
     record["operating_point"] = {"threshold": calibration.threshold, "temperature": calibration.temperature,
-                                 "target_fpr": args.target_fpr}
+                                 "target_fpr": args.target_fpr, "size_offsets": size_offsets}
     RESULTS.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}: features {feature}, train views {best['train_views']}, head {best['head']}, "
           f"C={best['C']}, one resized view, "
@@ -453,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifests", nargs="+")
     p.add_argument("--cap", type=int, default=50, help="images per group of the pool at most")
     p.add_argument("--test-cap", type=int, default=15, help="images per group of the sealed test split at most")
-    for name in ("cv", "fit", "resnet"):
+    for name in ("cv", "fit", "resnet", "bands"):
         p = sub.add_parser(name)
         p.add_argument("--cache", default="../shared-features/wild")
         if name == "cv":
@@ -464,14 +506,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--c", nargs="+", type=float, default=[0.001], help="the linear head's C values")
         if name == "resnet":
             p.add_argument("-n", type=int, default=300, help="images scored (half real, half generated)")
+        if name in ("fit", "bands"):
+            p.add_argument("--target-fpr", type=float, default=0.05)
         if name == "fit":
             p.add_argument("--out", default="weights/clip_probe_vitb16.safetensors")
-            p.add_argument("--target-fpr", type=float, default=0.05)
-            p.add_argument("--size-edges", nargs="*", type=float, default=list(SIZE_EDGES),
-                           help="short sides (px) that bound the bands of the size offsets; none: no offsets")
+            p.add_argument("--size-edges", nargs="*", type=float, default=None,
+                           help="short sides (px) that bound the bands of the size offsets (default: those `bands` "
+                                "chose; given with no value: no offsets)")
             p.add_argument("--dry-run", action="store_true", help="print the operating point; write nothing")
     args = parser.parse_args(argv)
-    {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet}[args.command](args)
+    {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet, "bands": cmd_bands}[args.command](args)
     return 0
 
 
