@@ -58,7 +58,8 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.size_offsets is not None:
-            edges, offsets = self.size_offsets.get("edges"), self.size_offsets.get("offsets")
+            edges, offsets = ((self.size_offsets.get("edges"), self.size_offsets.get("offsets"))
+                              if isinstance(self.size_offsets, dict) else (None, None))
             if (not isinstance(edges, list) or not isinstance(offsets, list) or len(offsets) != len(edges) + 1
                     or any(b <= a for a, b in zip(edges, edges[1:]))
                     or not all(np.isfinite(float(v)) for v in [*edges, *offsets])):

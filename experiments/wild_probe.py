@@ -183,16 +183,16 @@ def load_features(table: pd.DataFrame, cache_dir: str, features: str) -> tuple[p
     return table.iloc[keep].reset_index(drop=True), np.stack(feats)
 
 
-def load_sides(table: pd.DataFrame, cache_dir: str) -> np.ndarray:
-    """``(n, conditions)``: the short side, in pixels, of every image's view under each condition
-    (before the encoder's resize), from the shapes that wild_features.py keeps beside the features."""
+def load_sides(table: pd.DataFrame, cache_dir: str, views=SCAN_VIEWS) -> np.ndarray:
+    """``(n, len(views))``: the short side, in pixels, of every image's view under each condition (or
+    of the named ``views``) before the encoder's resize, from the shapes wild_features.py keeps."""
     shapes = [cache_for(cache_dir, view_set, "shapes") for view_set in VIEW_SETS]
-    out = np.zeros((len(table), len(SCAN_VIEWS)))
+    out = np.zeros((len(table), len(views)))
     for i, sha in enumerate(table["sha256"]):
         parts = [cache.get(sha) for cache in shapes]
         if any(part is None for part in parts):
             raise SystemExit(f"no view sizes for {sha}: run wild_features.py again (it fills in the sizes)")
-        out[i] = np.concatenate(parts).min(axis=1)[view_index(SCAN_VIEWS)]
+        out[i] = np.concatenate(parts).min(axis=1)[view_index(views)]
     return out
 
 
@@ -430,6 +430,51 @@ def cmd_bands(args) -> None:
     RESULTS.write_text(json.dumps(record, indent=1))
 
 
+def cmd_experts(args) -> None:
+    """A second head for small images: per fold, an MLP trained only on the training images' views
+    whose short side is under ``--edge`` (both classes), scoring the held-out views under the edge
+    while the winner scores the rest; then the size offset at that edge and the operating point, as
+    ``bands`` computes them. Out-of-fold; the same folds as the winner's."""
+    record = json.loads(RESULTS.read_text())
+    best = record["winner"]
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    oof = winner_oof(args.cache, best, table, features)
+    y = table["label"].to_numpy()
+    w = group_weights(table["group"])
+    sides = load_sides(table, args.cache, VIEWS)
+    train_views = view_index(TRAIN_VIEWS[args.train_views])
+    scan = view_index(SCAN_VIEWS)
+    mixed = oof.copy()
+    t0 = time.time()
+    for train_idx, test_idx in folds(table):
+        rows = [(features[i, [v for v in train_views if sides[i, v] < args.edge]], y[i], w[i]) for i in train_idx
+                if any(sides[i, v] < args.edge for v in train_views)]
+        expert = fit_mlp_probe([r[0] for r in rows], np.array([r[1] for r in rows]),
+                               image_weights=np.array([r[2] for r in rows]))
+        for k, v in enumerate(scan):
+            small = test_idx[sides[test_idx, v] < args.edge]
+            if len(small):
+                mixed[small, k] = expert.logits(features[small, v])
+        print(f"fold: expert trained on {len(rows)} images' small views", flush=True)
+    del features
+    scan_sides = sides[:, scan]
+    out = {"edge": args.edge, "train_views": args.train_views, "seconds": round(time.time() - t0, 1)}
+    for name, logits in (("winner", oof), ("with_expert", mixed)):
+        offsets = size_offsets_for(table, logits, scan_sides, [args.edge], args.target_fpr)
+        shifted = logits - band_offsets(scan_sides, [args.edge], offsets)
+        row = {"offsets": offsets, **operating_point(table, shifted, args.target_fpr)}
+        for k, condition in enumerate(CONDITIONS):
+            row[f"auc_{condition}"] = auc(y, shifted[:, k])
+            row[f"auc_small_{condition}"] = auc(y[scan_sides[:, k] < args.edge], logits[scan_sides[:, k] < args.edge, k])
+        row["mean_recall"] = float(np.mean([row[f"op_recall_{c}"] for c in CONDITIONS]))
+        out[name] = row
+        print(f"{name:12s} offsets {offsets[0]:+.2f}; mean recall {row['mean_recall']:.3f}; " + ", ".join(
+            f"{c} FPR {row[f'op_fpr_{c}']:.3f} recall {row[f'op_recall_{c}']:.3f} AUC {row[f'auc_{c}']:.3f} "
+            f"(small {row[f'auc_small_{c}']:.3f})" for c in CONDITIONS), flush=True)
+    record.setdefault("experts", []).append({**out, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    RESULTS.write_text(json.dumps(record, indent=1))
+
+
 def cmd_fit(args) -> None:
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
@@ -495,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifests", nargs="+")
     p.add_argument("--cap", type=int, default=50, help="images per group of the pool at most")
     p.add_argument("--test-cap", type=int, default=15, help="images per group of the sealed test split at most")
-    for name in ("cv", "fit", "resnet", "bands"):
+    for name in ("cv", "fit", "resnet", "bands", "experts"):
         p = sub.add_parser(name)
         p.add_argument("--cache", default="../shared-features/wild")
         if name == "cv":
@@ -506,8 +551,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--c", nargs="+", type=float, default=[0.001], help="the linear head's C values")
         if name == "resnet":
             p.add_argument("-n", type=int, default=300, help="images scored (half real, half generated)")
-        if name in ("fit", "bands"):
+        if name in ("fit", "bands", "experts"):
             p.add_argument("--target-fpr", type=float, default=0.05)
+        if name == "experts":
+            p.add_argument("--edge", type=float, default=320.0, help="short side (px) under which the expert scores")
+            p.add_argument("--train-views", default="stored+arrival+closeup", choices=sorted(TRAIN_VIEWS))
         if name == "fit":
             p.add_argument("--out", default="weights/clip_probe_vitb16.safetensors")
             p.add_argument("--size-edges", nargs="*", type=float, default=None,
@@ -515,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "chose; given with no value: no offsets)")
             p.add_argument("--dry-run", action="store_true", help="print the operating point; write nothing")
     args = parser.parse_args(argv)
-    {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet, "bands": cmd_bands}[args.command](args)
+    {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet, "bands": cmd_bands,
+     "experts": cmd_experts}[args.command](args)
     return 0
 
 

@@ -431,7 +431,8 @@ def test_a_probe_with_size_offsets_takes_its_band_offset_off_the_logit_in_predic
         assert scanned[[k for k in scanned.index if k.endswith(Path(p).name)][0]] == pytest.approx(expected, abs=1e-4)
     with pytest.raises(ValueError, match="pass size"):
         shifted.score_views(shifted.views(np.zeros((64, 64, 3), np.uint8)))
-    for bad in ({"edges": [300.0], "offsets": [1.0]}, {"edges": [600.0, 300.0], "offsets": [0.0, 1.0, 2.0]}):
+    for bad in ({"edges": [300.0], "offsets": [1.0]}, {"edges": [600.0, 300.0], "offsets": [0.0, 1.0, 2.0]},
+                [300.0, 1.0], {"edges": [300.0], "offsets": [None, 0.0]}):
         bad_path = tmp_path / "bad.safetensors"
         save_file(state, str(bad_path),
                   metadata={METADATA_KEY: json.dumps({**metadata, "probe": {**metadata["probe"], "size_offsets": bad}})})
