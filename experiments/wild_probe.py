@@ -38,6 +38,9 @@ Steps, each a subcommand:
            threshold, over the seven conditions, at which at most ``--target-fpr`` of the out-of-fold
            real scores (offsets taken off; each source weighing as the training weighs it) would be
            called generated.
+``experts`` measures, out of fold, a second head for small images (trained only on views under
+           ``--edge`` px, scoring the held-out views under it) against the winner alone, each with
+           its size offset and operating point; rows accumulate under ``experts`` in the record.
 
 Run from the repository root::
 
