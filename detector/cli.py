@@ -507,6 +507,11 @@ def _describe_checkpoint(checkpoint: Path, architecture: str | None):
             extra = [("head", detector.config.head), ("encoder", f"{detector.backbone.config.name} ({detector.backbone.config.feature}, sha256 "
                                  f"{detector.backbone.config.fingerprint[:12]}...), {detector.config.views} "
                                  f"{detector.config.view_mode} view(s)")]
+            if detector.config.size_offsets:
+                bands = detector.config.size_offsets
+                bounds = [f"under {bands['edges'][0]:g} px"] + [f"from {e:g} px" for e in bands["edges"]]
+                extra.append(("size offsets", ", ".join(f"{o:g} off the logit {b}" for o, b in zip(bands["offsets"], bounds))
+                              + " (short side)"))
         else:
             model, info = load_model(checkpoint, architecture)
             n_params, extra = sum(p.numel() for p in model.parameters()), []

@@ -429,6 +429,8 @@ def test_a_probe_with_size_offsets_takes_its_band_offset_off_the_logit_in_predic
         v = shifted.predict(p)
         assert v.logit == pytest.approx(expected, abs=1e-5) and (v.label == "fake") == (v.probability >= 0.5)
         assert scanned[[k for k in scanned.index if k.endswith(Path(p).name)][0]] == pytest.approx(expected, abs=1e-4)
+    shown = CliRunner().invoke(main, ["info", str(shifted_path)])
+    assert shown.exit_code == 0 and f"2.5 off the logit under {edge:g} px" in shown.output, shown.output
     with pytest.raises(ValueError, match="pass size"):
         shifted.score_views(shifted.views(np.zeros((64, 64, 3), np.uint8)))
     for bad in ({"edges": [300.0], "offsets": [1.0]}, {"edges": [600.0, 300.0], "offsets": [0.0, 1.0, 2.0]},
