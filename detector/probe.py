@@ -39,7 +39,8 @@ from .calibration import CalibratedVerdicts, Verdict
 from .patches import VIEW_MODES, PatchSettings, encoder_views
 
 __all__ = ["PROBE_HEADS", "PROBE_PREFIX", "LinearProbe", "MLPProbe", "ProbeConfig", "ProbeDetector", "find_encoder",
-           "normalise", "probe_from_state"]
+           "normalise", "probe_from_state",
+           "size_band"]
 
 PROBE_PREFIX = "clip-probe"
 
@@ -82,8 +83,13 @@ class ProbeConfig:
         """What is taken off the logit of an image of this size (0 without offsets)."""
         if not self.size_offsets:
             return 0.0
-        band = int(np.searchsorted(self.size_offsets["edges"], min(height, width), side="right"))
-        return float(self.size_offsets["offsets"][band])
+        return float(self.size_offsets["offsets"][int(size_band(self.size_offsets["edges"], min(height, width)))])
+
+
+def size_band(edges, short_sides) -> np.ndarray:
+    """The band of each short side among ``edges``: 0 below ``edges[0]``, ``i`` from ``edges[i - 1]``
+    below ``edges[i]``, ``len(edges)`` from the last edge up (the bands of :attr:`ProbeConfig.size_offsets`)."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(short_sides, dtype=np.float64), side="right")
 
 
 def normalise(features: np.ndarray) -> np.ndarray:

@@ -64,6 +64,7 @@ VIEW_SETS = {
     "wild": (("center256+jpeg90_resize", "resize0.5_resize", "jpeg75_resize", "screenshot1080_resize"), None, ()),
 }
 VIEWS = tuple(v for views, _, _ in VIEW_SETS.values() for v in views)
+WILD = parse_perturbations(WILD_CONDITIONS)  # the view set "wild", in the order of its names
 MAX_PIXELS = 80_000_000
 
 
@@ -78,7 +79,7 @@ def views_of(path: str, sha256: str, view_set: str = "arrivals", size: int = 224
     names, recipe, salts = VIEW_SETS[view_set]
     pixels = decode_image(path, max_pixels=MAX_PIXELS).pixels
     if recipe is None:  # the evaluation's conditions, seeded as `detector evaluate` seeds them (seed 0)
-        kept = [c.apply(pixels, condition_rng(0, sha256, c.name)) for c in parse_perturbations(WILD_CONDITIONS)]
+        kept = [c.apply(pixels, condition_rng(0, sha256, c.name)) for c in WILD]
     else:
         arrivals = [arrive(pixels, seeded(sha256, salt), recipe)[0] for salt in salts]
         kept = ([pixels] if names[0] == "stored_resize" else []) + arrivals

@@ -72,6 +72,7 @@ from detector.backbones import create_backbone  # noqa: E402
 from detector.checkpoints import file_sha256, save_checkpoint  # noqa: E402
 from detector.datasets import read_labelled  # noqa: E402
 from detector.metrics import auc  # noqa: E402
+from detector.probe import size_band  # noqa: E402
 from detector.training.calibration import (FPR_TARGETS, fit_operating_point, fit_size_offsets,  # noqa: E402
                                            strictest_thresholds)
 from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe, group_weights, probe_config  # noqa: E402
@@ -201,7 +202,7 @@ def load_sides(table: pd.DataFrame, cache_dir: str, views=SCAN_VIEWS) -> np.ndar
 
 def band_offsets(sides: np.ndarray, edges: list[float], offsets: list[float]) -> np.ndarray:
     """The offset (ProbeConfig.size_offset) of every entry of ``sides``."""
-    return np.asarray(offsets)[np.searchsorted(np.asarray(edges, dtype=float), sides, side="right")]
+    return np.asarray(offsets)[size_band(edges, sides)]
 
 
 def view_index(names) -> list[int]:
@@ -398,12 +399,18 @@ def cmd_resnet(args) -> None:
 BAND_CANDIDATES = ((), (320,), (320, 640), (320, 640, 1280), (400, 800, 1600), (288, 448, 704, 1088))
 
 
-def size_offsets_for(table: pd.DataFrame, oof: np.ndarray, sides: np.ndarray, edges, target_fpr: float) -> list[float]:
-    """The size offsets that the out-of-fold real scores give for bands bounded by ``edges``."""
+def with_size_offsets(table: pd.DataFrame, oof: np.ndarray, sides: np.ndarray, edges,
+                      target_fpr: float) -> tuple[list[float], np.ndarray]:
+    """The size offsets that the out-of-fold real scores give for bands bounded by ``edges`` (none:
+    one band, offset 0), and the out-of-fold logits with them taken off."""
+    if not len(edges):
+        return [0.0], oof
     real = table["label"].to_numpy() == 0
     w = group_weights(table["group"])
-    return fit_size_offsets([oof[real, k] for k in range(oof.shape[1])], [sides[real, k] for k in range(oof.shape[1])],
-                            edges, target_fpr=target_fpr, weights=w[real])
+    offsets = fit_size_offsets([oof[real, k] for k in range(oof.shape[1])],
+                               [sides[real, k] for k in range(oof.shape[1])], edges, target_fpr=target_fpr,
+                               weights=w[real])
+    return offsets, oof - band_offsets(sides, list(edges), offsets)
 
 
 def cmd_bands(args) -> None:
@@ -418,8 +425,7 @@ def cmd_bands(args) -> None:
     sides = load_sides(table, args.cache)
     rows = []
     for edges in BAND_CANDIDATES:
-        offsets = size_offsets_for(table, oof, sides, edges, args.target_fpr) if edges else [0.0]
-        shifted = oof - band_offsets(sides, list(edges), offsets) if edges else oof
+        offsets, shifted = with_size_offsets(table, oof, sides, edges, args.target_fpr)
         row = {"edges": list(edges), "offsets": offsets, **operating_point(table, shifted, args.target_fpr)}
         row["mean_recall"] = float(np.mean([row[f"op_recall_{name}"] for name in CONDITIONS]))
         rows.append(row)
@@ -463,8 +469,7 @@ def cmd_experts(args) -> None:
     scan_sides = sides[:, scan]
     out = {"edge": args.edge, "train_views": args.train_views, "seconds": round(time.time() - t0, 1)}
     for name, logits in (("winner", oof), ("with_expert", mixed)):
-        offsets = size_offsets_for(table, logits, scan_sides, [args.edge], args.target_fpr)
-        shifted = logits - band_offsets(scan_sides, [args.edge], offsets)
+        offsets, shifted = with_size_offsets(table, logits, scan_sides, [args.edge], args.target_fpr)
         row = {"offsets": offsets, **operating_point(table, shifted, args.target_fpr)}
         for k, condition in enumerate(CONDITIONS):
             row[f"auc_{condition}"] = auc(y, shifted[:, k])
@@ -490,12 +495,10 @@ def cmd_fit(args) -> None:
     edges = args.size_edges if args.size_edges is not None else (record.get("size_bands") or {}).get("chosen", [])
     size_offsets = None
     if edges:
-        sides = load_sides(table, args.cache)
-        offsets = size_offsets_for(table, oof, sides, edges, args.target_fpr)
+        offsets, oof = with_size_offsets(table, oof, load_sides(table, args.cache), edges, args.target_fpr)
         size_offsets = {"edges": [float(e) for e in edges], "offsets": offsets}
         print("size offsets (short side below " + ", ".join(f"{e:g}" for e in edges) + " px, then above): "
               + ", ".join(f"{o:+.3f}" for o in offsets))
-        oof = oof - band_offsets(sides, edges, offsets)
     per_condition = {name: oof[:, k] for k, name in enumerate(CONDITIONS)}
     points = strictest_thresholds([oof[real, k] for k in range(oof.shape[1])],
                                   sorted({*FPR_TARGETS, args.target_fpr}), w[real])

@@ -90,14 +90,16 @@ def fit_size_offsets(real_logits: Sequence[np.ndarray], real_sides: Sequence[np.
     ``weights`` the reals' weights (the same in every condition). A band no condition fills enough
     takes the offset of the nearest larger band that has one: too few photos to tell, no correction.
     """
+    from ..probe import size_band
+
     w_all = None if weights is None else np.asarray(weights, dtype=np.float64)
     n_bands = len(edges) + 1
+    bands = [size_band(edges, sides) for sides in real_sides]
     thresholds: list[float | None] = []
     for band in range(n_bands):
         per_condition = []
-        for logits, sides in zip(real_logits, real_sides):
-            inside = np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(sides, dtype=np.float64),
-                                     side="right") == band
+        for logits, in_band in zip(real_logits, bands):
+            inside = in_band == band
             if inside.sum() >= min_reals:
                 w = None if w_all is None else w_all[inside]
                 per_condition.append(thresholds_at_fpr(np.asarray(logits)[inside], (target_fpr,), w)[f"{target_fpr:g}"])
