@@ -181,3 +181,14 @@ def test_committed_source_lists_parse_and_avoid_held_out_repositories():
 def test_the_pinned_package_photos_are_not_held_out():
     photos = _load("collect_photos")
     assert photos.held_out_photos(blocklist.Blocklist.read(SHARED)) == []
+
+
+def test_committed_real_selections_leave_out_network_processed_collections():
+    """The rule of real_collections.md: a collection whose pixels passed through a learned image model
+    (CelebA-HQ: upsampled and completed by its authors' restoration) is not a real photograph."""
+    lists = sorted((ROOT / "data" / "sources" / "github").glob("*.csv"))
+    reals = [s for s in engine.read_selections(lists) if s.label == 0]
+    assert reals, "no real selections were read"
+    processed = [s.where for s in reals
+                 if s.source.startswith("celeba-hq") or any(k in s.pattern.lower() for k in ("celeba_hq", "celebahq"))]
+    assert processed == []
