@@ -41,6 +41,9 @@ Steps, each a subcommand:
 ``experts`` measures, out of fold, a second head for small images (trained only on views under
            ``--edge`` px, scoring the held-out views under it) against the winner alone, each with
            its size offset and operating point; rows accumulate under ``experts`` in the record.
+``sources`` counts, per real source of the pool, the photos whose out-of-fold logit (offsets taken
+           off) reaches the shipped threshold under each condition: where the false positives that
+           set the operating point come from. Prints only.
 
 Run from the repository root::
 
@@ -539,6 +542,29 @@ def cmd_fit(args) -> None:
           f"threshold {calibration.threshold:.3f}, temperature {calibration.temperature:.3f}")
 
 
+def cmd_sources(args) -> None:
+    """Which real sources of the pool put photos over the shipped operating point, out of fold, under each
+    condition: where the false positives that set the threshold come from."""
+    record = json.loads(RESULTS.read_text())
+    best, cal = record["winner"], record.get("operating_point") or {}
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    logits = winner_oof(args.cache, best, table, features)
+    del features
+    if cal.get("size_offsets"):
+        sides = load_sides(table, args.cache)
+        for k in range(len(CONDITIONS)):
+            logits[:, k] -= band_offsets(sides[:, k], cal["size_offsets"]["edges"], cal["size_offsets"]["offsets"])
+    real = (table["label"] == 0).to_numpy()
+    over = pd.DataFrame(logits[real] >= cal.get("threshold", 0.0), columns=list(CONDITIONS))
+    counts = over.groupby(table.loc[real, "group"].to_numpy()).sum()
+    counts.insert(0, "photos", table.loc[real].groupby("group").size())
+    counts["all"] = counts[list(CONDITIONS)].sum(axis=1)
+    counts = counts.sort_values("all", ascending=False)
+    print(f"real photos over the threshold ({cal.get('threshold', 0.0):.3f}, offsets taken off), out of fold, "
+          f"per source; {int((counts['all'] > 0).sum())} of {len(counts)} sources have at least one")
+    print(counts.head(args.top).to_string())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -546,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifests", nargs="+")
     p.add_argument("--cap", type=int, default=50, help="images per group of the pool at most")
     p.add_argument("--test-cap", type=int, default=15, help="images per group of the sealed test split at most")
-    for name in ("cv", "fit", "resnet", "bands", "experts"):
+    for name in ("cv", "fit", "resnet", "bands", "experts", "sources"):
         p = sub.add_parser(name)
         p.add_argument("--cache", default="../shared-features/wild")
         if name == "cv":
@@ -555,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--train-views", nargs="+", default=["stored+arrival"], choices=sorted(TRAIN_VIEWS))
             p.add_argument("--heads", nargs="+", default=["linear"], choices=HEADS)
             p.add_argument("--c", nargs="+", type=float, default=[0.001], help="the linear head's C values")
+        if name == "sources":
+            p.add_argument("--top", type=int, default=15, help="sources shown")
         if name == "resnet":
             p.add_argument("-n", type=int, default=300, help="images scored (half real, half generated)")
         if name in ("fit", "bands", "experts"):
@@ -570,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--dry-run", action="store_true", help="print the operating point; write nothing")
     args = parser.parse_args(argv)
     {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet, "bands": cmd_bands,
-     "experts": cmd_experts}[args.command](args)
+     "experts": cmd_experts, "sources": cmd_sources}[args.command](args)
     return 0
 
 
