@@ -3,7 +3,9 @@
 Reads ``robustness.csv`` (condition x group x model x metric) of the evaluation folder and prints:
 the overall figures per condition (ROC AUC with its interval, recall at 1% and 5% FPR, the default
 label's FPR and recall, counts), then per real source (AUC and the label's FPR per condition) and per
-generator (AUC and the label's recall per condition), each with its number of images::
+generator (AUC and the label's recall per condition), each with its number of images, and the label's
+FPR and recall per band of the files' short sides (the bands of the probe's size offsets, from
+``run.json`` and the per-image ``robustness/*_scores.csv``)::
 
     .venv/bin/python experiments/wild_tables.py runs/wild_test [--model clip_probe_vitb16]
 """
@@ -11,6 +13,8 @@ generator (AUC and the label's recall per condition), each with its number of im
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -77,6 +81,33 @@ def worst_source_auc(df: pd.DataFrame, conditions: list[str], min_n: int = 5) ->
     return "Worst real source (>= 5 photos) per condition: " + ("; ".join(out) or "none that large") + "."
 
 
+def by_size(folder: Path, model: str, conditions: list[str]) -> str:
+    """The default label's FPR and recall per band of the short side of the file as stored (bands of the
+    model's size offsets, or < 320 / >= 320 px without them), per condition, with the counts behind each."""
+    run = json.loads((folder / "run.json").read_text())
+    info = next((m for m in run["models"] if m.get("name") == model), None)
+    if info is None or "threshold" not in info:
+        return f"(no threshold for {model} in run.json: no table by size)"
+    edges = [int(e) for e in (info.get("size_offsets") or {}).get("edges", [320])]
+    bounds = [0, *edges, None]
+    names = [f"< {hi}" if lo == 0 else (f">= {lo}" if hi is None else f"{lo}-{hi - 1}")
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
+    head = "| short side of the file (px) | " + " | ".join(f"{NAMES.get(c, c)}: reals / fakes called generated" for c in conditions) + " |"
+    lines = [head, "|---|" + "---|" * len(conditions)]
+    tables = {c: pd.read_csv(folder / "robustness" / f"{re.sub(r'[:+]', '_', c)}_scores.csv") for c in conditions}
+    for k, name in enumerate(names):
+        cells = []
+        for c in conditions:
+            t = tables[c]
+            side = t[["width", "height"]].min(axis=1)
+            inside = (side >= bounds[k]) & ((side < bounds[k + 1]) if bounds[k + 1] else True)
+            flagged = t[f"logit_{model}"] >= info["threshold"]
+            real, fake = inside & (t["label"] == 0), inside & (t["label"] == 1)
+            cells.append(f"{int((flagged & real).sum())}/{int(real.sum())} / {int((flagged & fake).sum())}/{int(fake.sum())}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
@@ -86,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     conditions = [c for c in NAMES if c in set(df["condition"])]
     print(f"model: {model}\n\n{overall(df, conditions)}\n\n{worst_source_auc(df, conditions)}\n")
     print(per_group(df, conditions, "real", "FPR", "n_real") + "\n")
-    print(per_group(df, conditions, "fake", "recall", "n_fake"))
+    print(per_group(df, conditions, "fake", "recall", "n_fake") + "\n")
+    print(by_size(args.folder, model, conditions))
     return 0
 
 
