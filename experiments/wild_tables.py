@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from detector.evaluation.report import condition_file  # noqa: E402
+from detector.metrics import auc  # noqa: E402
 
 NAMES = {"none": "as stored", "center:256+jpeg:90": "crop 256 + JPEG 90", "resize:0.5": "50% downscale",
          "jpeg:75": "JPEG 75", "screenshot:1080": "PNG screenshot (1080p)"}
@@ -81,29 +84,33 @@ def worst_source_auc(df: pd.DataFrame, conditions: list[str], min_n: int = 5) ->
     return "Worst real source (>= 5 photos) per condition: " + ("; ".join(out) or "none that large") + "."
 
 
-def by_size(folder: Path, model: str, conditions: list[str]) -> str:
-    """The default label's FPR and recall per band of the short side of the file as stored (bands of the
-    model's size offsets, or < 320 / >= 320 px without them), per condition, with the counts behind each."""
+def by_size(folder: Path, model: str, conditions: list[str], edges: list[int] | None = None) -> str:
+    """Per band of the short side of the file as stored, per condition: the ROC AUC inside the band and
+    the default label's false positives and catches with the counts behind them. Bands: ``edges``, else
+    those of the model's size offsets, else < 320 / >= 320 px."""
     run = json.loads((folder / "run.json").read_text())
     info = next((m for m in run["models"] if m.get("name") == model), None)
     if info is None or "threshold" not in info:
         return f"(no threshold for {model} in run.json: no table by size)"
-    edges = [int(e) for e in (info.get("size_offsets") or {}).get("edges", [320])]
+    edges = edges or [int(e) for e in (info.get("size_offsets") or {}).get("edges", [320])]
     bounds = [0, *edges, None]
     names = [f"< {hi}" if lo == 0 else (f">= {lo}" if hi is None else f"{lo}-{hi - 1}")
              for lo, hi in zip(bounds[:-1], bounds[1:])]
-    head = "| short side of the file (px) | " + " | ".join(f"{NAMES.get(c, c)}: reals / fakes called generated" for c in conditions) + " |"
+    head = "| short side of the file (px) | " + " | ".join(
+        f"{NAMES.get(c, c)}: AUC; reals / fakes called generated" for c in conditions) + " |"
     lines = [head, "|---|" + "---|" * len(conditions)]
-    tables = {c: pd.read_csv(folder / "robustness" / f"{re.sub(r'[:+]', '_', c)}_scores.csv") for c in conditions}
+    tables = {c: pd.read_csv(folder / "robustness" / f"{condition_file(c)}_scores.csv") for c in conditions}
     for k, name in enumerate(names):
         cells = []
         for c in conditions:
             t = tables[c]
             side = t[["width", "height"]].min(axis=1)
-            inside = (side >= bounds[k]) & ((side < bounds[k + 1]) if bounds[k + 1] else True)
-            flagged = t[f"logit_{model}"] >= info["threshold"]
-            real, fake = inside & (t["label"] == 0), inside & (t["label"] == 1)
-            cells.append(f"{int((flagged & real).sum())}/{int(real.sum())} / {int((flagged & fake).sum())}/{int(fake.sum())}")
+            t = t[(side >= bounds[k]) & ((side < bounds[k + 1]) if bounds[k + 1] else True)]
+            logit, label = t[f"logit_{model}"], t["label"]
+            flagged = logit >= info["threshold"]
+            a = f"{auc(label.to_numpy(), logit.to_numpy()):.3f}" if label.nunique() == 2 else "-"
+            cells.append(f"{a}; {int((flagged & (label == 0)).sum())}/{int((label == 0).sum())} / "
+                         f"{int((flagged & (label == 1)).sum())}/{int((label == 1).sum())}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -112,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--edges", nargs="+", type=int, default=None,
+                        help="short sides (px) bounding the size bands (default: the model's size offsets)")
     args = parser.parse_args(argv)
     df, model = load(args.folder, args.model)
     conditions = [c for c in NAMES if c in set(df["condition"])]
     print(f"model: {model}\n\n{overall(df, conditions)}\n\n{worst_source_auc(df, conditions)}\n")
     print(per_group(df, conditions, "real", "FPR", "n_real") + "\n")
     print(per_group(df, conditions, "fake", "recall", "n_fake") + "\n")
-    print(by_size(args.folder, model, conditions))
+    print(by_size(args.folder, model, conditions, args.edges))
     return 0
 
 

@@ -60,7 +60,9 @@ def _nested(metrics: pd.DataFrame) -> dict:
     return out
 
 
-def _condition_file(condition: str) -> str:
+def condition_file(condition: str) -> str:
+    """The file stem under ``robustness/`` of a perturbation condition (``center:256+jpeg:90`` ->
+    ``center_256_jpeg_90``), for readers of an evaluation folder."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", condition)
 
 
@@ -110,8 +112,8 @@ def write_report(
         sweep = []
         for condition, df in frames.items():
             tidy = group_metrics(df, reported, metric_groups(df), **kwargs)
-            files[f"robustness/{_condition_file(condition)}.csv"] = tidy
-            files[f"robustness/{_condition_file(condition)}_scores.csv"] = df[columns]
+            files[f"robustness/{condition_file(condition)}.csv"] = tidy
+            files[f"robustness/{condition_file(condition)}_scores.csv"] = df[columns]
             sweep.append(tidy.assign(condition=condition))
         robustness = pd.concat(sweep, ignore_index=True)[["condition", *METRIC_COLUMNS]]
         files["robustness.csv"] = robustness
