@@ -130,6 +130,28 @@ def mean_auc_interval(
     return _percentiles(aucs.mean(axis=1), level)
 
 
+def auc_difference_interval(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of ``AUC(scores_a) - AUC(scores_b)`` on the same images.
+
+    Each replicate resamples the reals and the fakes separately and scores both on the same resample, so
+    what the two score alike cancels: an interval that holds 0 says the images cannot tell them apart.
+    """
+    y, a = _check(labels, scores_a)
+    _, b = _check(labels, scores_b)
+    if not _both_classes(y, "AUC difference interval"):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    real, fake = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = np.concatenate([rng.choice(real, real.size), rng.choice(fake, fake.size)])
+        diffs[i] = auc(y[idx], a[idx]) - auc(y[idx], b[idx])
+    return _percentiles(diffs, level)
+
+
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     """Average precision with generated images as the positive class (Wang et al. 2020)."""
     y, s = _check(labels, scores)

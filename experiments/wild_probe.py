@@ -27,7 +27,9 @@ Steps, each a subcommand:
 ``resnet`` scores a sample of the pool's new images (the data engine's; the ResNet-50 trained on
            the older ones) with the bundled ResNet-50 as ``detector scan`` does, and measures on it the
            fusion of the ResNet's calibrated margin with the winner's out-of-fold margin for several
-           weights: the ResNet's weight in ``weights/detector.json`` is the best of them.
+           weights: the ResNet's weight in ``weights/detector.json`` is the best of them when the
+           paired-bootstrap interval of its AUC gain over the probe alone lies above 0, else 0 (rule
+           since 2026-12-06; before, the best weight whatever its margin).
 ``bands``  compares bands of image sizes for the probe's size offsets (:meth:`detector.probe.ProbeConfig.
            size_offset`) on the winner's out-of-fold logits under seven conditions (the three above
            and the four of ``detector evaluate --wild``): per candidate, the offsets that give every
@@ -74,7 +76,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from detector.backbones import create_backbone  # noqa: E402
 from detector.checkpoints import file_sha256, save_checkpoint  # noqa: E402
 from detector.datasets import read_labelled  # noqa: E402
-from detector.metrics import auc  # noqa: E402
+from detector.metrics import auc, auc_difference_interval  # noqa: E402
 from detector.probe import size_band  # noqa: E402
 from detector.training.calibration import (FPR_TARGETS, fit_operating_point, fit_size_offsets,  # noqa: E402
                                            strictest_thresholds)
@@ -388,14 +390,20 @@ def cmd_resnet(args) -> None:
     rows = []
     for wr in RESNET_WEIGHTS:
         fused = (m_probe + wr * m_resnet) / (1 + wr)
-        rows.append({"resnet_weight": wr, "auc": auc(y, fused)})
+        low, high = auc_difference_interval(y, fused, m_probe)
+        rows.append({"resnet_weight": wr, "auc": auc(y, fused), "gain_ci": [low, high]})
         print(f"ResNet weight {wr:<4g} (probe 1): AUC {rows[-1]['auc']:.4f} on {int((y == 0).sum())} real + "
-              f"{int((y == 1).sum())} generated new pool images (ResNet alone {auc(y, m_resnet):.4f})")
+              f"{int((y == 1).sum())} generated new pool images, gain over weight 0 [{low:+.4f}, {high:+.4f}] "
+              f"(ResNet alone {auc(y, m_resnet):.4f})")
+    # the best weight earns its vote only when its gain over the probe alone is more than resampling noise
     best_w = max(rows, key=lambda r: (round(r["auc"], 4), -r["resnet_weight"]))
+    chosen = best_w["resnet_weight"] if best_w["gain_ci"][0] > 0 else 0.0
     record["resnet"] = {"sample": len(keep), "rows": rows, "resnet_alone": auc(y, m_resnet),
-                        "chosen_weight": best_w["resnet_weight"]}
+                        "best_weight": best_w["resnet_weight"], "chosen_weight": chosen,
+                        "rule": "the best weight if the paired-bootstrap 95% interval of its AUC gain over "
+                                "weight 0 lies above 0, else 0"}
     RESULTS.write_text(json.dumps(record, indent=1))
-    print(f"chosen ResNet weight: {best_w['resnet_weight']:g}")
+    print(f"best ResNet weight {best_w['resnet_weight']:g}; chosen {chosen:g}")
 
 
 # candidate edges of the size bands (short side, px), compared by `bands`; () is one band: no offsets
@@ -551,9 +559,8 @@ def cmd_sources(args) -> None:
     logits = winner_oof(args.cache, best, table, features)
     del features
     if cal.get("size_offsets"):
-        sides = load_sides(table, args.cache)
-        for k in range(len(CONDITIONS)):
-            logits[:, k] -= band_offsets(sides[:, k], cal["size_offsets"]["edges"], cal["size_offsets"]["offsets"])
+        logits = logits - band_offsets(load_sides(table, args.cache), cal["size_offsets"]["edges"],
+                                       cal["size_offsets"]["offsets"])
     real = (table["label"] == 0).to_numpy()
     over = pd.DataFrame(logits[real] >= cal.get("threshold", 0.0), columns=list(CONDITIONS))
     counts = over.groupby(table.loc[real, "group"].to_numpy()).sum()

@@ -92,3 +92,16 @@ def test_bootstrap_resamples_match_sklearn_auc():
     f = fake[rng.integers(0, 5, (400, 5))]
     ref = [roc_auc_score(np.r_[np.zeros(7), np.ones(5)], np.r_[a, b]) for a, b in zip(r, f)]
     assert lo == pytest.approx(np.quantile(ref, 0.025)) and hi == pytest.approx(np.quantile(ref, 0.975))
+
+
+def test_auc_difference_interval_is_paired():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(100), np.ones(100)].astype(int)
+    good = y * 2.0 + rng.normal(size=200)
+    noisy = good + rng.normal(scale=3.0, size=200)
+    low, high = M.auc_difference_interval(y, good, good, n_boot=200)
+    assert low == high == 0.0  # the same scores on the same resamples differ by nothing
+    low, high = M.auc_difference_interval(y, good, noisy, n_boot=200)
+    assert 0.0 < low < high  # noise added to a score costs AUC, and the pairing sees it
+    low, high = M.auc_difference_interval(y, good, good + rng.normal(scale=1e-3, size=200), n_boot=200)
+    assert low <= 0.0 <= high
