@@ -1,6 +1,6 @@
 """Encode every image of the training pool once per view that the in-the-wild campaign (#18) compares.
 
-Per image, three views, each short side resized to 224 and centre-cropped (the scan view that won the
+Per image, several views, each short side resized to 224 and centre-cropped (the scan view that won the
 first campaign: native crops lost to it as scan and as training views, experiments/EXPERIMENTS.md):
 
 * ``stored_resize``: the file as stored;
@@ -10,6 +10,10 @@ first campaign: native crops lost to it as scan and as training views, experimen
 * ``closeup_resize`` (view set ``closeup``, its own cache folder): a close-up (salt 3): a square of
   128-512 native pixels, re-encoded as JPEG (q 70-100), WebP or PNG; what a user's crop of a large
   photo is, and what the random area crops of an arrival almost never reach;
+* ``thumb_resize`` (view set ``thumb``, its own cache folder): a thumbnail (salt 4): half the time a
+  crop of half the area or more, then the whole downscaled to a short side of 96-384 px, re-encoded
+  as JPEG (q 70-100), WebP or PNG; what a web thumbnail or a benchmark's 256 px real image is (added
+  in campaign 6: the pool's small images were mostly generated, so small meant generated);
 * view set ``wild`` (its own cache folder): the four conditions of ``detector evaluate --wild``
   (:data:`detector.evaluation.conditions.WILD_CONDITIONS`: centre 256 px crop + JPEG 90, 50%
   downscale, JPEG 75, a screenshot-like PNG re-save), made by the same code as the evaluation's, so
@@ -27,6 +31,8 @@ file under ``--cache`` (outside the repository), so a killed run resumes where i
 
     .venv/bin/python experiments/wild_features.py data/splits/wild_pool.csv
     .venv/bin/python experiments/wild_features.py data/splits/wild_pool.csv --views closeup
+    .venv/bin/python experiments/wild_features.py data/splits/wild_pool.csv --views wild
+    .venv/bin/python experiments/wild_features.py data/splits/wild_pool.csv --views thumb
 """
 
 from __future__ import annotations
@@ -57,11 +63,14 @@ WIDTH = 768  # per block and part
 RECIPE = ArrivalRecipe()
 CLOSEUP = ArrivalRecipe(crop_p=1.0, crop_side=(128, 512), downscale_p=0.0, jpeg_p=0.7, jpeg_quality=(70, 100),
                         webp_p=0.1, webp_quality=(70, 100))
+THUMB = ArrivalRecipe(crop_p=0.5, crop_area=(0.5, 1.0), downscale_p=1.0, short_side=(96, 384), jpeg_p=0.4,
+                      jpeg_quality=(70, 100), webp_p=0.1, webp_quality=(70, 100))
 # view set -> (its views, the recipe of its arrivals, the seed salt of each arrival); each set has its own cache
 VIEW_SETS = {
     "arrivals": (("stored_resize", "arrival_resize", "arrival2_resize"), RECIPE, (1, 2)),
     "closeup": (("closeup_resize",), CLOSEUP, (3,)),
     "wild": (("center256+jpeg90_resize", "resize0.5_resize", "jpeg75_resize", "screenshot1080_resize"), None, ()),
+    "thumb": (("thumb_resize",), THUMB, (4,)),
 }
 VIEWS = tuple(v for views, _, _ in VIEW_SETS.values() for v in views)
 WILD = parse_perturbations(WILD_CONDITIONS)  # the view set "wild", in the order of its names

@@ -1,8 +1,9 @@
 """The in-the-wild campaign (#18): choose the probe's training views, scan views and C by grouped
 cross-validation, fit the operating point, and write the default probe.
 
-Inputs are the features of ``experiments/wild_features.py`` (three resized views per image: the file
-as stored and two independent arrivals; the class token and mean patch token of every block).
+Inputs are the features of ``experiments/wild_features.py`` (resized views per image: the file as
+stored, two independent arrivals, a close-up, a thumbnail and the four conditions of ``detector
+evaluate --wild``; the class token and mean patch token of every block).
 Steps, each a subcommand:
 
 ``split``  assigns every image of the given manifests to the sealed test split or to the pool, by
@@ -20,7 +21,8 @@ Steps, each a subcommand:
            first arrival, and as a close-up (a 128-512 px native crop, re-encoded). Rows accumulate
            in ``experiments/wild_probe.json`` across runs (a rerun of an arm replaces its row), so a
            staged search is recorded whole; the arm with the best mean AUC over the three
-           conditions wins. Earlier campaigns (scored on stored and arrival only) are in
+           conditions wins. An arm whose out-of-fold logits for exactly this pool are saved beside the
+           cache is read, not refitted (``--refit`` fits again). Earlier campaigns (scored on stored and arrival only) are in
            ``experiments/wild_probe_2026-12-04.json`` (views, C, native crops) and
            ``experiments/wild_probe_2026-12-05.json`` (blocks and tokens), and in
            experiments/EXPERIMENTS.md.
@@ -81,7 +83,7 @@ from detector.probe import size_band  # noqa: E402
 from detector.training.calibration import (FPR_TARGETS, fit_operating_point, fit_size_offsets,  # noqa: E402
                                            strictest_thresholds)
 from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe, group_weights, probe_config  # noqa: E402
-from wild_features import CLOSEUP, ENCODER, RECIPE, VIEW_SETS, VIEWS, cache_for, feature_columns  # noqa: E402
+from wild_features import CLOSEUP, ENCODER, RECIPE, THUMB, VIEW_SETS, VIEWS, cache_for, feature_columns  # noqa: E402
 
 SPLITS = ROOT / "data" / "splits"
 RESULTS = ROOT / "experiments" / "wild_probe.json"
@@ -92,6 +94,7 @@ TRAIN_VIEWS = {
     "stored+arrival": ("stored_resize", "arrival_resize"),  # the first campaign's winner
     "stored+2arrivals": ("stored_resize", "arrival_resize", "arrival2_resize"),
     "stored+arrival+closeup": ("stored_resize", "arrival_resize", "closeup_resize"),
+    "stored+arrival+closeup+thumb": ("stored_resize", "arrival_resize", "closeup_resize", "thumb_resize"),
 }
 # the view scored under each condition: as stored, after an arrival, as a close-up, and the four
 # conditions of `detector evaluate --wild` (added after the arms were chosen: the operating point holds
@@ -294,17 +297,25 @@ def save_oof(cache_dir: str, row: dict, table: pd.DataFrame, oof: np.ndarray) ->
     return path
 
 
-def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.ndarray) -> np.ndarray:
-    """The winner's out-of-fold logits: read from the CSV that ``cv`` (or an earlier ``fit``) saved when it
-    holds exactly these images, else recomputed (deterministic for both heads) and saved."""
-    path = oof_path(cache_dir, best)
+def saved_oof(cache_dir: str, row: dict, table: pd.DataFrame) -> np.ndarray | None:
+    """An arm's out-of-fold logits as ``cv`` (or an earlier ``fit``) saved them, when they hold exactly
+    these images under every condition; else None. Both heads fit deterministically, so a saved
+    file is what a refit would give."""
+    path = oof_path(cache_dir, row)
     if path.exists():
         saved = pd.read_csv(path)
         if saved["sha256"].tolist() == table["sha256"].tolist() and set(CONDITIONS) <= set(saved.columns):
-            print(f"out-of-fold logits of the winner read from {path}")
+            print(f"out-of-fold logits of {arm_key(row)} read from {path}")
             return saved[list(CONDITIONS)].to_numpy()
-    oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
-    save_oof(cache_dir, best, table, oof)
+    return None
+
+
+def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.ndarray) -> np.ndarray:
+    """The winner's out-of-fold logits: saved ones when they match, else recomputed and saved."""
+    oof = saved_oof(cache_dir, best, table)
+    if oof is None:
+        oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
+        save_oof(cache_dir, best, table, oof)
     return oof
 
 
@@ -325,8 +336,10 @@ def cmd_cv(args) -> None:
                 for c in (args.c if head == "linear" else [None])]
         for train_views, head, c in arms:
             t0 = time.time()
-            oof = out_of_fold(table, features, train_views, c, head)
             row = {"features": features_name, "train_views": train_views, "head": head, "C": c}
+            oof = saved_oof(args.cache, row, table)
+            if oof is None or args.refit:
+                oof = out_of_fold(table, features, train_views, c, head)
             for k, name in enumerate(CONDITIONS):
                 row[f"auc_{name}"] = auc(y, oof[:, k])
                 row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, oof[:, k])
@@ -530,7 +543,9 @@ def cmd_fit(args) -> None:
         "architecture": probe.config.architecture,
         "probe": probe.config.to_dict(),
         "config": {"campaign": "experiments/wild_probe.py", "train_views": list(TRAIN_VIEWS[best["train_views"]]),
-                   "arrival_recipe": RECIPE.to_dict(), "closeup_recipe": CLOSEUP.to_dict(), "head": best["head"],
+                   "arrival_recipe": RECIPE.to_dict(), "closeup_recipe": CLOSEUP.to_dict(),
+                   **({"thumbnail_recipe": THUMB.to_dict()} if "thumb" in best["train_views"] else {}),
+                   "head": best["head"],
                    **({"mlp": MLPRecipe().to_dict()} if best["head"] == "mlp" else {}), "c": best["C"],
                    "group_weight_power": 0.5, "operating_point_conditions": list(CONDITIONS),
                    "feature": feature, "backbone": ENCODER},
@@ -588,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--train-views", nargs="+", default=["stored+arrival"], choices=sorted(TRAIN_VIEWS))
             p.add_argument("--heads", nargs="+", default=["linear"], choices=HEADS)
             p.add_argument("--c", nargs="+", type=float, default=[0.001], help="the linear head's C values")
+            p.add_argument("--refit", action="store_true",
+                           help="fit every arm again even when its out-of-fold logits for this pool are saved")
         if name == "sources":
             p.add_argument("--top", type=int, default=15, help="sources shown")
         if name == "resnet":

@@ -332,6 +332,24 @@ def test_close_up_arrivals_are_native_squares_within_the_side_range_and_keep_the
     assert arrive(px, np.random.default_rng(5))[1] == arrive(px, np.random.default_rng(5), ArrivalRecipe())[1]
 
 
+def test_thumbnail_arrivals_downscale_the_whole_picture_to_the_short_side_range_and_never_upscale():
+    from detector.training.arrival import ArrivalRecipe, arrive
+
+    px = noise_image(900, 1200)
+    thumb = ArrivalRecipe(crop_p=0.0, downscale_p=1.0, short_side=(96, 384), jpeg_p=0.0, webp_p=0.0)
+    sides = set()
+    for seed in range(30):
+        out, how = arrive(px, np.random.default_rng(seed), thumb)
+        h, w = out.shape[:2]
+        assert 96 <= h <= 384 and abs(w / h - 4 / 3) < 0.02 and how.startswith("downscale")
+        sides.add(h)
+    assert len(sides) > 10
+    small = noise_image(80, 100)  # already under the range: kept as it is
+    out, how = arrive(small, np.random.default_rng(0), thumb)
+    assert out.shape[:2] == (80, 100) and how == "png"
+    assert thumb.to_dict()["short_side"] == (96, 384) and "short_side" not in ArrivalRecipe().to_dict()
+
+
 def test_mlp_head_separates_what_a_linear_head_cannot_and_is_deterministic():
     from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe
 

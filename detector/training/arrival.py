@@ -6,7 +6,10 @@ scan crops, thumbnails, re-shared JPEGs and WebPs and screenshots. An *arrival* 
 history drawn at random: a crop of 1/16 of the area to all of it, a downscale to 25-100%, then a
 re-encoding (JPEG at quality 60-100, WebP at 60-100, or a lossless PNG re-save). A *close-up*
 recipe (``crop_side``) crops a square of a few hundred native pixels instead of a share of the
-area: what a 256 px crop of a 12-megapixel photo is, far below 1/16 of its area. Real and
+area: what a 256 px crop of a 12-megapixel photo is, far below 1/16 of its area. A *thumbnail*
+recipe (``short_side``) downscales the whole picture to a short side of a few hundred pixels: what a
+web thumbnail or a benchmark's 256 px real image is, so that "small and whole" is not a trait of
+generated images alone (class-conditional generators publish 128-512 px samples). Real and
 generated images draw from the same distribution, so that neither format nor size separates the
 classes. Every choice comes from the generator passed in: a view is a pure function of
 (pixels, seed).
@@ -40,12 +43,17 @@ class ArrivalRecipe:
     # when set, crops are squares whose side (native pixels, clipped to the image) is drawn
     # log-uniformly from this range instead of a share of the area
     crop_side: tuple[int, int] | None = None
+    # when set, a downscale resizes to a short side (px) drawn log-uniformly from this range instead
+    # of a factor of ``downscale``; never upscales
+    short_side: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
-        """The recipe as recorded; ``crop_side`` only when set, so area-crop records keep their keys."""
+        """The recipe as recorded; ``crop_side`` and ``short_side`` only when set, so older records keep
+        their keys."""
         record = asdict(self)
-        if record["crop_side"] is None:
-            del record["crop_side"]
+        for key in ("crop_side", "short_side"):
+            if record[key] is None:
+                del record[key]
         return record
 
 
@@ -70,8 +78,12 @@ def arrive(pixels: np.ndarray, rng: np.random.Generator, recipe: ArrivalRecipe =
         pixels = pixels[top : top + ch, left : left + cw]
         steps.append(f"crop {cw}x{ch}")
     if rng.random() < recipe.downscale_p:
-        factor = float(rng.uniform(*recipe.downscale))
         ph, pw = pixels.shape[:2]
+        if recipe.short_side is not None:
+            side = float(np.exp(rng.uniform(np.log(recipe.short_side[0]), np.log(recipe.short_side[1]))))
+            factor = side / max(1, min(ph, pw))
+        else:
+            factor = float(rng.uniform(*recipe.downscale))
         factor = max(factor, recipe.min_side / max(1, min(ph, pw)))
         if factor < 1:
             size = (max(1, round(pw * factor)), max(1, round(ph * factor)))
