@@ -103,7 +103,34 @@ SCAN_VIEWS = ("stored_resize", "arrival_resize", "closeup_resize", "center256+jp
               "jpeg75_resize", "screenshot1080_resize")
 CONDITIONS = ("stored", "arrival", "closeup", "crop256+jpeg90", "half", "jpeg75", "screenshot")
 CHOICE_CONDITIONS = CONDITIONS[:3]
-HEADS = ("linear", "mlp")
+# heads: linear; mlp (seed 0); mlp-sK (one head from seed K: a member); mlpxN (seeds 0..N-1 merged into one
+# head, detector.training.probe.merge_mlp_probes: its logit is the mean of its members', so its out-of-fold
+# logits are the mean of theirs and each member's are saved and reused on their own)
+HEADS = ("linear", "mlp", "mlpx3", "mlpx5")
+
+
+def mlp_recipe(head: str) -> tuple[MLPRecipe, int]:
+    """The recipe and first seed of an MLP head name (``mlp``, ``mlp-s2``, ``mlpx3``)."""
+    if head.startswith("mlp-s"):
+        return MLPRecipe(), int(head[len("mlp-s"):])
+    if head.startswith("mlpx"):
+        return MLPRecipe(seeds=int(head[len("mlpx"):])), 0
+    if head == "mlp":
+        return MLPRecipe(), 0
+    raise SystemExit(f"unknown head {head!r}")
+
+
+def members_of(head: str) -> list[str]:
+    """The single-seed heads whose mean an ensemble head's logit is (a single head: itself)."""
+    recipe, seed = ("", 0) if head == "linear" else mlp_recipe(head)
+    if head == "linear" or recipe.seeds == 1:
+        return [head]
+    return ["mlp" if k == 0 else f"mlp-s{k}" for k in range(seed, seed + recipe.seeds)]
+
+
+def product_head(head: str) -> str:
+    """The head kind a checkpoint records (every MLP arm is one :class:`detector.probe.MLPProbe`)."""
+    return "linear" if head == "linear" else "mlp"
 
 
 def feature_set(name: str) -> tuple[str, tuple[int, ...]]:
@@ -220,9 +247,10 @@ def view_index(names) -> list[int]:
 def fit_arm(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, train_views: str, c: float,
             head: str = "linear"):
     idx = view_index(TRAIN_VIEWS[train_views])
-    if head == "mlp":
-        return fit_mlp_probe(features[:, idx], labels, image_weights=weights)
-    return fit_probe(features[:, idx], labels, c=c, image_weights=weights)
+    if head == "linear":
+        return fit_probe(features[:, idx], labels, c=c, image_weights=weights)
+    recipe, seed = mlp_recipe(head)
+    return fit_mlp_probe(features[:, idx], labels, recipe=recipe, seed=seed, image_weights=weights)
 
 
 def condition_logits(probe, features: np.ndarray) -> np.ndarray:
@@ -310,9 +338,13 @@ def saved_oof(cache_dir: str, row: dict, table: pd.DataFrame) -> np.ndarray | No
     return None
 
 
-def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.ndarray) -> np.ndarray:
-    """The winner's out-of-fold logits: saved ones when they match, else recomputed and saved."""
-    oof = saved_oof(cache_dir, best, table)
+def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.ndarray, refit: bool = False) -> np.ndarray:
+    """An arm's (by default the winner's) out-of-fold logits: saved ones when they match (unless
+    ``refit``), else recomputed and saved; an ensemble head's are the mean of its members'."""
+    members = members_of(best["head"])
+    if len(members) > 1:
+        return np.mean([winner_oof(cache_dir, {**best, "head": m}, table, features, refit) for m in members], axis=0)
+    oof = None if refit else saved_oof(cache_dir, best, table)
     if oof is None:
         oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
         save_oof(cache_dir, best, table, oof)
@@ -337,9 +369,7 @@ def cmd_cv(args) -> None:
         for train_views, head, c in arms:
             t0 = time.time()
             row = {"features": features_name, "train_views": train_views, "head": head, "C": c}
-            oof = saved_oof(args.cache, row, table)
-            if oof is None or args.refit:
-                oof = out_of_fold(table, features, train_views, c, head)
+            oof = winner_oof(args.cache, row, table, features, args.refit)
             for k, name in enumerate(CONDITIONS):
                 row[f"auc_{name}"] = auc(y, oof[:, k])
                 row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, oof[:, k])
@@ -537,7 +567,8 @@ def cmd_fit(args) -> None:
     probe = fit_arm(features, y, w, best["train_views"], best["C"], best["head"])
     feature = product_feature(best["features"])
     backbone = create_backbone(ENCODER, feature=feature)
-    probe.config = replace(probe_config(ENCODER, backbone, views=1, view_mode="resize", head=best["head"]),
+    probe.config = replace(probe_config(ENCODER, backbone, views=1, view_mode="resize",
+                                        head=product_head(best["head"])),
                            size_offsets=size_offsets)
     metadata = {
         "architecture": probe.config.architecture,
@@ -546,7 +577,8 @@ def cmd_fit(args) -> None:
                    "arrival_recipe": RECIPE.to_dict(), "closeup_recipe": CLOSEUP.to_dict(),
                    **({"thumbnail_recipe": THUMB.to_dict()} if "thumb" in best["train_views"] else {}),
                    "head": best["head"],
-                   **({"mlp": MLPRecipe().to_dict()} if best["head"] == "mlp" else {}), "c": best["C"],
+                   **({"mlp": mlp_recipe(best["head"])[0].to_dict()} if best["head"] != "linear" else {}),
+                   "c": best["C"],
                    "group_weight_power": 0.5, "operating_point_conditions": list(CONDITIONS),
                    "feature": feature, "backbone": ENCODER},
         "data": {"pool": "data/splits/wild_pool.csv", "n_train": int(len(y)), "n_train_real": int(real.sum()),

@@ -368,6 +368,29 @@ def test_mlp_head_separates_what_a_linear_head_cannot_and_is_deterministic():
     assert mlp.n_parameters == 6 * 32 + 32 + 32 + 1
 
 
+def test_an_ensemble_of_mlp_heads_is_one_wider_head_whose_logit_is_the_mean_of_its_members():
+    from detector.probe import MLPProbe
+    from detector.training.probe import MLPRecipe, fit_mlp_probe, merge_mlp_probes
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (300, 5))
+    y = (x[:, 0] * x[:, 1] > 0).astype(int)
+    feats = [f[None] for f in x]
+    recipe = MLPRecipe(hidden=16, epochs=5, batch_size=64)
+    members = [fit_mlp_probe(feats, y, recipe=recipe, seed=s) for s in (3, 4, 5)]
+    assert not np.allclose(members[0].logits(x), members[1].logits(x))  # the seeds differ
+    merged = fit_mlp_probe(feats, y, recipe=MLPRecipe(hidden=16, epochs=5, batch_size=64, seeds=3), seed=3)
+    mean = np.mean([m.logits(x) for m in members], axis=0)
+    assert merged.hidden.out_features == 48 and not merged.training
+    assert np.allclose(merged.logits(x), mean, atol=1e-5)
+    assert np.allclose(merge_mlp_probes(members).logits(x), mean, atol=1e-5)
+    reloaded = MLPProbe.from_state({k: v.clone() for k, v in merged.state_dict().items()})  # the checkpoint's path
+    assert np.allclose(reloaded.logits(x), mean, atol=1e-5)
+    other = fit_mlp_probe([f[None] for f in x[:200]], y[:200], recipe=recipe)  # standardised on other rows
+    with pytest.raises(ValueError, match="standardised differently"):
+        merge_mlp_probes([members[0], other])
+
+
 @pytest.fixture(scope="module")
 def trained_mlp_probe(tmp_path_factory, encoder, trained_probe) -> Path:
     _, _, table = trained_probe

@@ -230,6 +230,9 @@ class MLPRecipe:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
+    # heads trained from seeds seed, seed + 1, ... and merged into one (:func:`merge_mlp_probes`):
+    # a deep ensemble (Lakshminarayanan et al., NeurIPS 2017) in the checkpoint format of one head
+    seeds: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,10 +247,40 @@ def fit_mlp_probe(
     image_weights: np.ndarray | None = None,
 ) -> MLPProbe:
     """A one-hidden-layer head trained with AdamW on the same rows and weights as :func:`fit_probe`
-    (weighted binary cross-entropy, dropout; deterministic for a given ``seed``)."""
+    (weighted binary cross-entropy, dropout; deterministic for a given ``seed``). With
+    ``recipe.seeds`` > 1, that many heads from consecutive seeds, merged into one whose logit is
+    the mean of theirs."""
+    z, y, w, mean, scale = _design(train_features, train_labels, image_weights)
+    heads = [_fit_one_mlp(z, y, w, mean, scale, recipe, seed + k) for k in range(recipe.seeds)]
+    return heads[0] if len(heads) == 1 else merge_mlp_probes(heads)
+
+
+def merge_mlp_probes(heads: Sequence[MLPProbe]) -> MLPProbe:
+    """One MLP probe whose logit is exactly the mean of the ``heads``' logits: their hidden units side by
+    side, each head's output weights divided by their number. The heads must share the standardisation
+    (they were fitted on the same rows)."""
     import torch
 
-    z, y, w, mean, scale = _design(train_features, train_labels, image_weights)
+    first = heads[0]
+    for head in heads[1:]:
+        if not (torch.equal(head.mean, first.mean) and torch.equal(head.scale, first.scale)):
+            raise ValueError("the heads were standardised differently: fit them on the same rows")
+    merged = MLPProbe(first.dim, sum(h.hidden.out_features for h in heads),
+                      dropout=(first.drop_in.p, first.drop_hidden.p))
+    with torch.no_grad():
+        merged.mean.copy_(first.mean)
+        merged.scale.copy_(first.scale)
+        merged.hidden.weight.copy_(torch.cat([h.hidden.weight for h in heads]))
+        merged.hidden.bias.copy_(torch.cat([h.hidden.bias for h in heads]))
+        merged.out.weight.copy_(torch.cat([h.out.weight for h in heads], dim=1) / len(heads))
+        merged.out.bias.copy_(torch.stack([h.out.bias for h in heads]).mean(dim=0))
+    return merged.eval()
+
+
+def _fit_one_mlp(z: np.ndarray, y: np.ndarray, w: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+                 recipe: MLPRecipe, seed: int) -> MLPProbe:
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the layers' initialisation
     probe = MLPProbe(z.shape[1], recipe.hidden, dropout=recipe.dropout)
