@@ -731,7 +731,7 @@ def calibrate(weights, data, from_evaluation, output, target_far, quiet, mode, p
 
 
 # train options that mean something for one kind of model only
-_PROBE_ONLY = ("views", "view_mode", "feature", "probe_head", "probe_c", "probe_align_jpeg", "feature_cache")
+_PROBE_ONLY = ("views", "view_mode", "feature", "probe_head", "probe_seeds", "probe_c", "probe_align_jpeg", "feature_cache")
 _RESNET_TRAINING_ONLY = ("init", "crop_size", "batch_size", "lr", "weight_decay", "steps_per_epoch", "max_epochs",
                          "max_minutes", "lr_patience", "early_stop_patience", "blur_p", "blur_sigma", "jpeg_p",
                          "jpeg_quality", "jpeg_align", "align_quality", "rotate_flip", "val_crop",
@@ -801,6 +801,9 @@ def _floats(text: str) -> tuple[float, float]:
 @click.option("--probe-head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True,
               help="CLIP probe: a logistic regression, or one hidden layer of 256 GELU units (AdamW, dropout; "
                    "the head of the default probe).")
+@click.option("--probe-seeds", type=click.IntRange(1, 32), default=1, show_default=True,
+              help="CLIP probe, MLP head: train this many heads from consecutive seeds and merge them into one whose "
+                   "logit is the mean of theirs (a deep ensemble).")
 @click.option("--probe-c", type=float, default=None,
               help="CLIP probe: inverse L2 strength of the logistic regression (default: chosen on validation AUC).")
 @click.option("--probe-align-jpeg", type=click.IntRange(1, 100), default=None,
@@ -812,7 +815,7 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
           steps_per_epoch, max_epochs, max_minutes, lr_patience, early_stop_patience, blur_p, blur_sigma, jpeg_p,
           jpeg_quality, jpeg_align, align_quality, rotate_flip, val_crop, val_crops_per_image, target_far, precision,
           device, threads, seed, resume, simulate_fakes, paired, workers, decode_cache_mb, views, view_mode, feature,
-          probe_head, probe_c, probe_align_jpeg, feature_cache) -> None:
+          probe_head, probe_seeds, probe_c, probe_align_jpeg, feature_cache) -> None:
     """Train or fine-tune a detector on labelled images (or fit a CLIP probe: --arch clip-probe:BACKBONE).
 
     \b
@@ -846,13 +849,16 @@ def train(train_data, val_data, val_sources, output_dir, init, architecture, cro
             if probe_head == "mlp" and probe_c is not None:
                 _fail("--probe-c does not apply to --probe-head mlp (a network with weight decay, not a logistic "
                       "regression); drop it")
+            if probe_head != "mlp" and probe_seeds != 1:
+                _fail("--probe-seeds applies to --probe-head mlp only (a logistic regression has one solution)")
             from .backbones import BackboneError
             from .training.probe import ProbeTrainConfig, train_probe
 
             probe_config = ProbeTrainConfig(
                 train=list(train_data), val=list(val_data) or [f"held out of --train: {val_sources}"],
                 output_dir=output_dir, backbone=architecture[len("clip-probe:"):], feature=feature, views=views,
-                view_mode=view_mode, align_jpeg=probe_align_jpeg, head=probe_head, c=probe_c, target_far=target_far,
+                view_mode=view_mode, align_jpeg=probe_align_jpeg, head=probe_head, mlp_seeds=probe_seeds, c=probe_c,
+                target_far=target_far,
                 threads=threads,
                 seed=seed, cache_dir=feature_cache)
             try:

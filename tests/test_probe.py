@@ -443,6 +443,23 @@ def test_probe_checkpoints_whose_tensors_do_not_fit_their_head_are_refused(train
                                      "--output-dir", str(tmp_path), "--probe-head", "mlp", "--probe-c", "1"]).exit_code != 0
 
 
+def test_train_refuses_probe_seeds_for_a_linear_head_before_encoding_anything(tmp_path):
+    from PIL import Image
+
+    rows = []
+    for i in range(2):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(path)
+        rows.append(f"{path},{i}")
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\n" + "\n".join(rows) + "\n")
+    done = CliRunner().invoke(main, ["train", "--arch", "clip-probe:clip:onnx:missing.onnx", "--train", str(listing),
+                                     "--val", str(listing), "--output-dir", str(tmp_path / "out"),
+                                     "--probe-head", "linear", "--probe-seeds", "3"])
+    assert done.exit_code != 0 and "--probe-seeds applies to --probe-head mlp only" in done.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_probe_with_size_offsets_takes_its_band_offset_off_the_logit_in_predict_and_scan(trained_probe, tmp_path):
     from safetensors.torch import save_file
 

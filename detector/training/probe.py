@@ -55,6 +55,7 @@ class ProbeTrainConfig:
     align_jpeg: int | None = None
     c: float | None = None
     head: str = "linear"  # "linear" (C chosen on validation) or "mlp" (MLPRecipe)
+    mlp_seeds: int = 1  # MLP head: heads from this many seeds, merged into one (MLPRecipe.seeds)
     target_far: float | None = None
     threads: int | None = None
     max_pixels: int = 1 << 28
@@ -343,8 +344,11 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
     encode_minutes = (time.time() - t0) / 60
     scores: dict[float, float] = {}
     best_c = None
+    if config.mlp_seeds < 1:
+        raise ValueError(f"mlp_seeds must be at least 1, got {config.mlp_seeds}")
+    recipe = MLPRecipe(seeds=config.mlp_seeds)
     if config.head == "mlp":
-        probe = fit_mlp_probe(train_f, train_y, seed=config.seed)
+        probe = fit_mlp_probe(train_f, train_y, recipe=recipe, seed=config.seed)
     else:
         grid = [config.c] if config.c is not None else list(C_GRID)
         for c in grid:
@@ -366,7 +370,7 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
                  "n_train_real": int((train_y == 0).sum()), "n_train_fake": int((train_y == 1).sum())},
         "c_grid": {f"{c:g}": s for c, s in scores.items()},
         "c": best_c,
-        **({"mlp": MLPRecipe().to_dict()} if config.head == "mlp" else {}),
+        **({"mlp": recipe.to_dict()} if config.head == "mlp" else {}),
         "val_auc": auc(val_y, val_logits),
         "calibration": calibration.to_dict(),
         "minutes": {"encode": encode_minutes, "total": (time.time() - t0) / 60},
