@@ -20,8 +20,8 @@ Steps, each a subcommand:
            An arm is scored under three conditions: the held-out images as stored, after their
            first arrival, and as a close-up (a 128-512 px native crop, re-encoded). Rows accumulate
            in ``experiments/wild_probe.json`` across runs (a rerun of an arm replaces its row), so a
-           staged search is recorded whole; the arm with the best mean AUC over the three
-           conditions wins. An arm whose out-of-fold logits for exactly this pool are saved beside the
+           staged search is recorded whole; among the arms measured on the current pool (rows carry
+           its ``pool_id``), the one with the best mean AUC over the three conditions wins. An arm whose out-of-fold logits for exactly this pool are saved beside the
            cache is read, not refitted (``--refit`` fits again). Earlier campaigns (scored on stored and arrival only) are in
            ``experiments/wild_probe_2026-12-04.json`` (views, C, native crops) and
            ``experiments/wild_probe_2026-12-05.json`` (blocks and tokens), and in
@@ -351,6 +351,11 @@ def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.nda
     return oof
 
 
+def pool_id(table: pd.DataFrame) -> str:
+    """A short id of the images a row was measured on (the SHA-256 of their sorted SHA-256s)."""
+    return hashlib.sha256("\n".join(sorted(table["sha256"])).encode()).hexdigest()[:16]
+
+
 def arm_key(row: dict) -> tuple:
     return row["features"], row["train_views"], row["head"], row["C"]
 
@@ -376,6 +381,7 @@ def cmd_cv(args) -> None:
             row["score"] = float(np.mean([row[f"auc_{name}"] for name in CHOICE_CONDITIONS]))
             row.update(operating_point(table, oof))
             row["seconds"] = round(time.time() - t0, 1)
+            row["pool_id"] = pool_id(pool)
             rows[arm_key(row)] = row
             save_oof(args.cache, row, table, oof)
             print(f"{features_name:22s} {train_views:22s} {head:6s} C={c if c is not None else '-'!s:6s} "
@@ -383,7 +389,9 @@ def cmd_cv(args) -> None:
                   + f"; at the operating point, recall as stored {row['op_recall_stored']:.3f} "
                   f"[{row['seconds']:.0f} s]", flush=True)
         del features
-    best = max(rows.values(), key=lambda r: (round(r["score"], 4), -(r["C"] or 0)))
+    # only arms measured on this pool compete: earlier rows stay on the record but scored other images
+    current = [r for r in rows.values() if r.get("pool_id") == pool_id(pool)]
+    best = max(current, key=lambda r: (round(r["score"], 4), -(r["C"] or 0)))
     print(f"winner so far: features {best['features']}, train views {best['train_views']}, head {best['head']}, "
           f"C={best['C']} (mean AUC {best['score']:.4f})")
     record.update({"pool": {"n_real": int((pool.label == 0).sum()), "n_fake": int((pool.label == 1).sum()),
