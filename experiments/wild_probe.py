@@ -204,34 +204,49 @@ def cmd_split(args) -> None:
               f"{(out.label == 1).sum()} generated from {out[out.label == 1].group.nunique()} families")
 
 
-def load_features(table: pd.DataFrame, cache_dir: str, features: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """The rows with cached features and their ``(n, views, dim)`` array of feature set ``features``."""
+def needed_view_sets(train_views: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The view sets that the scan conditions and the named training view sets read."""
+    views = set(SCAN_VIEWS) | {v for tv in train_views for v in TRAIN_VIEWS[tv]}
+    return [name for name, (names, _, _) in VIEW_SETS.items() if views & set(names)]
+
+
+def load_features(table: pd.DataFrame, cache_dir: str, features: str,
+                  train_views: list[str] | tuple[str, ...] = ()) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows with cached features and their ``(n, len(VIEWS), dim)`` array of feature set ``features``.
+    Only the view sets that the scan conditions and ``train_views`` read are required; the views of
+    any other set are NaN, so that an arm never needs an encoding it does not use."""
     kind, blocks = feature_set(features)
     columns = feature_columns(blocks, tuple(kind.split("+")))
-    caches = [cache_for(cache_dir, view_set) for view_set in VIEW_SETS]  # in the order of VIEWS
+    needed = needed_view_sets(train_views)
+    caches = {view_set: cache_for(cache_dir, view_set) for view_set in needed}
     keep, feats = [], []
     for i, sha in enumerate(table["sha256"]):
-        parts = [cache.get(sha) for cache in caches]
-        if all(f is not None for f in parts):
+        parts = {view_set: cache.get(sha) for view_set, cache in caches.items()}
+        if all(f is not None for f in parts.values()):
             keep.append(i)
-            feats.append(np.concatenate([f[:, columns] for f in parts]))
+            feats.append(np.concatenate([parts[vs][:, columns] if vs in parts else
+                                         np.full((len(names), len(columns)), np.nan, np.float32)
+                                         for vs, (names, _, _) in VIEW_SETS.items()]))
     missing = len(table) - len(keep)
     if missing:
         print(f"note: {missing} of {len(table)} images lack the features of some view set (run wild_features.py "
-              f"--views {' / '.join(VIEW_SETS)}); left out")
+              f"--views {' / '.join(needed)}); left out")
     return table.iloc[keep].reset_index(drop=True), np.stack(feats)
 
 
 def load_sides(table: pd.DataFrame, cache_dir: str, views=SCAN_VIEWS) -> np.ndarray:
     """``(n, len(views))``: the short side, in pixels, of every image's view under each condition (or
     of the named ``views``) before the encoder's resize, from the shapes wild_features.py keeps."""
-    shapes = [cache_for(cache_dir, view_set, "shapes") for view_set in VIEW_SETS]
+    wanted = [vs for vs, (names, _, _) in VIEW_SETS.items() if set(names) & set(views)]
+    shapes = {view_set: cache_for(cache_dir, view_set, "shapes") for view_set in wanted}
     out = np.zeros((len(table), len(views)))
     for i, sha in enumerate(table["sha256"]):
-        parts = [cache.get(sha) for cache in shapes]
-        if any(part is None for part in parts):
+        parts = {view_set: cache.get(sha) for view_set, cache in shapes.items()}
+        if any(part is None for part in parts.values()):
             raise SystemExit(f"no view sizes for {sha}: run wild_features.py again (it fills in the sizes)")
-        out[i] = np.concatenate(parts).min(axis=1)[view_index(views)]
+        sides = np.concatenate([parts[vs].min(axis=1) if vs in parts else np.full(len(names), np.nan)
+                                for vs, (names, _, _) in VIEW_SETS.items()])
+        out[i] = sides[view_index(views)]
     return out
 
 
@@ -365,7 +380,7 @@ def cmd_cv(args) -> None:
     record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"arms": []}
     rows = {arm_key(r): r for r in record["arms"]}
     for features_name in args.features:
-        table, features = load_features(pool, args.cache, features_name)
+        table, features = load_features(pool, args.cache, features_name, args.train_views)
         y = table["label"].to_numpy()
         print(f"{features_name}: {features.shape[2]} dims; pool {(y == 0).sum()} real ({table[y == 0].group.nunique()} "
               f"sources), {(y == 1).sum()} generated ({table[y == 1].group.nunique()} families)", flush=True)
@@ -412,7 +427,8 @@ def cmd_resnet(args) -> None:
 
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
+                                    [best["train_views"]])
     probe_stored = winner_oof(args.cache, best, table, features)[:, 0]
     del features
     cal = record.get("operating_point") or {}
@@ -481,7 +497,8 @@ def cmd_bands(args) -> None:
     (the false-positive rate is held at the target in every condition by construction)."""
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
+                                    [best["train_views"]])
     oof = winner_oof(args.cache, best, table, features)
     del features
     sides = load_sides(table, args.cache)
@@ -508,7 +525,8 @@ def cmd_experts(args) -> None:
     ``bands`` computes them. Out-of-fold; the same folds as the winner's."""
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
+                                    [best["train_views"], args.train_views])
     oof = winner_oof(args.cache, best, table, features)
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
@@ -548,7 +566,8 @@ def cmd_experts(args) -> None:
 def cmd_fit(args) -> None:
     record = json.loads(RESULTS.read_text())
     best = record["winner"]
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
+                                    [best["train_views"]])
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
     # out-of-fold scores of the winner (the operating point must come from unseen sources)
@@ -610,7 +629,8 @@ def cmd_sources(args) -> None:
     condition: where the false positives that set the threshold come from."""
     record = json.loads(RESULTS.read_text())
     best, cal = record["winner"], record.get("operating_point") or {}
-    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"])
+    table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
+                                    [best["train_views"]])
     logits = winner_oof(args.cache, best, table, features)
     del features
     if cal.get("size_offsets"):
