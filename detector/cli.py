@@ -803,7 +803,7 @@ def _floats(text: str) -> tuple[float, float]:
                    "the head of the default probe).")
 @click.option("--probe-seeds", type=click.IntRange(1, 32), default=1, show_default=True,
               help="CLIP probe, MLP head: train this many heads from consecutive seeds and merge them into one whose "
-                   "logit is the mean of theirs (a deep ensemble).")
+                   "logit is the mean of theirs (a deep ensemble; the default probe has 3).")
 @click.option("--probe-c", type=float, default=None,
               help="CLIP probe: inverse L2 strength of the logistic regression (default: chosen on validation AUC).")
 @click.option("--probe-align-jpeg", type=click.IntRange(1, 100), default=None,
