@@ -327,6 +327,8 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
     calibrate on validation, and write ``probe.safetensors``."""
     if config.head not in ("linear", "mlp"):
         raise ValueError(f"head must be linear or mlp, got {config.head!r}")
+    if config.mlp_seeds < 1:
+        raise ValueError(f"mlp_seeds must be at least 1, got {config.mlp_seeds}")
     t0 = time.time()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,8 +346,6 @@ def train_probe(config: ProbeTrainConfig, *, train_table: pd.DataFrame, val_tabl
     encode_minutes = (time.time() - t0) / 60
     scores: dict[float, float] = {}
     best_c = None
-    if config.mlp_seeds < 1:
-        raise ValueError(f"mlp_seeds must be at least 1, got {config.mlp_seeds}")
     recipe = MLPRecipe(seeds=config.mlp_seeds)
     if config.head == "mlp":
         probe = fit_mlp_probe(train_f, train_y, recipe=recipe, seed=config.seed)
