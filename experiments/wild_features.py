@@ -12,8 +12,8 @@ first campaign: native crops lost to it as scan and as training views, experimen
   photo is, and what the random area crops of an arrival almost never reach;
 * ``thumb_resize`` (view set ``thumb``, its own cache folder): a thumbnail (salt 4): half the time a
   crop of half the area or more, then the whole downscaled to a short side of 96-384 px, re-encoded
-  as JPEG (q 70-100), WebP or PNG; what a web thumbnail or a benchmark's 256 px real image is (added
-  in campaign 6: the pool's small images were mostly generated, so small meant generated);
+  as JPEG (q 70-100), WebP or PNG; what a web thumbnail or a benchmark's 256 px real image is (campaign
+  6 tried it as a training view and it lost: experiments/EXPERIMENTS.md);
 * view set ``wild`` (its own cache folder): the four conditions of ``detector evaluate --wild``
   (:data:`detector.evaluation.conditions.WILD_CONDITIONS`: centre 256 px crop + JPEG 90, 50%
   downscale, JPEG 75, a screenshot-like PNG re-save), made by the same code as the evaluation's, so

@@ -21,8 +21,10 @@ Steps, each a subcommand:
            first arrival, and as a close-up (a 128-512 px native crop, re-encoded). Rows accumulate
            in ``experiments/wild_probe.json`` across runs (a rerun of an arm replaces its row), so a
            staged search is recorded whole; among the arms measured on the current pool (rows carry
-           its ``pool_id``), the one with the best mean AUC over the three conditions wins. An arm whose out-of-fold logits for exactly this pool are saved beside the
-           cache is read, not refitted (``--refit`` fits again). Earlier campaigns (scored on stored and arrival only) are in
+           its ``pool_id``), the one with the best mean AUC over the three conditions wins. An arm
+           whose out-of-fold logits for exactly this pool are saved beside the cache is read, not
+           refitted (``--refit`` fits again); an ensemble head (``mlpx3``) is the mean of its
+           members' saved logits. Earlier campaigns (scored on stored and arrival only) are in
            ``experiments/wild_probe_2026-12-04.json`` (views, C, native crops) and
            ``experiments/wild_probe_2026-12-05.json`` (blocks and tokens), and in
            experiments/EXPERIMENTS.md.
@@ -122,8 +124,10 @@ def mlp_recipe(head: str) -> tuple[MLPRecipe, int]:
 
 def members_of(head: str) -> list[str]:
     """The single-seed heads whose mean an ensemble head's logit is (a single head: itself)."""
-    recipe, seed = ("", 0) if head == "linear" else mlp_recipe(head)
-    if head == "linear" or recipe.seeds == 1:
+    if head == "linear":
+        return [head]
+    recipe, seed = mlp_recipe(head)
+    if recipe.seeds == 1:
         return [head]
     return ["mlp" if k == 0 else f"mlp-s{k}" for k in range(seed, seed + recipe.seeds)]
 
@@ -353,16 +357,16 @@ def saved_oof(cache_dir: str, row: dict, table: pd.DataFrame) -> np.ndarray | No
     return None
 
 
-def winner_oof(cache_dir: str, best: dict, table: pd.DataFrame, features: np.ndarray, refit: bool = False) -> np.ndarray:
-    """An arm's (by default the winner's) out-of-fold logits: saved ones when they match (unless
-    ``refit``), else recomputed and saved; an ensemble head's are the mean of its members'."""
-    members = members_of(best["head"])
+def arm_oof(cache_dir: str, arm: dict, table: pd.DataFrame, features: np.ndarray, refit: bool = False) -> np.ndarray:
+    """An arm's out-of-fold logits: saved ones when they match (unless ``refit``), else recomputed and
+    saved; an ensemble head's are the mean of its members', each saved on its own."""
+    members = members_of(arm["head"])
     if len(members) > 1:
-        return np.mean([winner_oof(cache_dir, {**best, "head": m}, table, features, refit) for m in members], axis=0)
-    oof = None if refit else saved_oof(cache_dir, best, table)
+        return np.mean([arm_oof(cache_dir, {**arm, "head": m}, table, features, refit) for m in members], axis=0)
+    oof = None if refit else saved_oof(cache_dir, arm, table)
     if oof is None:
-        oof = out_of_fold(table, features, best["train_views"], best["C"], best["head"])
-        save_oof(cache_dir, best, table, oof)
+        oof = out_of_fold(table, features, arm["train_views"], arm["C"], arm["head"])
+        save_oof(cache_dir, arm, table, oof)
     return oof
 
 
@@ -389,7 +393,7 @@ def cmd_cv(args) -> None:
         for train_views, head, c in arms:
             t0 = time.time()
             row = {"features": features_name, "train_views": train_views, "head": head, "C": c}
-            oof = winner_oof(args.cache, row, table, features, args.refit)
+            oof = arm_oof(args.cache, row, table, features, args.refit)
             for k, name in enumerate(CONDITIONS):
                 row[f"auc_{name}"] = auc(y, oof[:, k])
                 row[f"worst_{name}"], row[f"worst_{name}_group"] = worst_group_auc(table, oof[:, k])
@@ -398,7 +402,6 @@ def cmd_cv(args) -> None:
             row["seconds"] = round(time.time() - t0, 1)
             row["pool_id"] = pool_id(pool)
             rows[arm_key(row)] = row
-            save_oof(args.cache, row, table, oof)
             print(f"{features_name:22s} {train_views:22s} {head:6s} C={c if c is not None else '-'!s:6s} "
                   + " ".join(f"{name} {row[f'auc_{name}']:.4f} (worst {row[f'worst_{name}']:.3f})" for name in CONDITIONS)
                   + f"; at the operating point, recall as stored {row['op_recall_stored']:.3f} "
@@ -429,7 +432,7 @@ def cmd_resnet(args) -> None:
     best = record["winner"]
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
                                     [best["train_views"]])
-    probe_stored = winner_oof(args.cache, best, table, features)[:, 0]
+    probe_stored = arm_oof(args.cache, best, table, features)[:, 0]
     del features
     cal = record.get("operating_point") or {}
     if cal.get("size_offsets"):  # the shipped probe's logit has its size offset taken off
@@ -499,7 +502,7 @@ def cmd_bands(args) -> None:
     best = record["winner"]
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
                                     [best["train_views"]])
-    oof = winner_oof(args.cache, best, table, features)
+    oof = arm_oof(args.cache, best, table, features)
     del features
     sides = load_sides(table, args.cache)
     rows = []
@@ -527,7 +530,7 @@ def cmd_experts(args) -> None:
     best = record["winner"]
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
                                     [best["train_views"], args.train_views])
-    oof = winner_oof(args.cache, best, table, features)
+    oof = arm_oof(args.cache, best, table, features)
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
     sides = load_sides(table, args.cache, VIEWS)
@@ -571,7 +574,7 @@ def cmd_fit(args) -> None:
     y = table["label"].to_numpy()
     w = group_weights(table["group"])
     # out-of-fold scores of the winner (the operating point must come from unseen sources)
-    oof = winner_oof(args.cache, best, table, features)
+    oof = arm_oof(args.cache, best, table, features)
     real = y == 0
     edges = args.size_edges if args.size_edges is not None else (record.get("size_bands") or {}).get("chosen", [])
     size_offsets = None
@@ -631,7 +634,7 @@ def cmd_sources(args) -> None:
     best, cal = record["winner"], record.get("operating_point") or {}
     table, features = load_features(pd.read_csv(SPLITS / "wild_pool.csv"), args.cache, best["features"],
                                     [best["train_views"]])
-    logits = winner_oof(args.cache, best, table, features)
+    logits = arm_oof(args.cache, best, table, features)
     del features
     if cal.get("size_offsets"):
         logits = logits - band_offsets(load_sides(table, args.cache), cal["size_offsets"]["edges"],
