@@ -492,7 +492,8 @@ def cmd_resnet(args) -> None:
 
 
 # candidate edges of the size bands (short side, px), compared by `bands`; () is one band: no offsets
-BAND_CANDIDATES = ((), (320,), (320, 640), (320, 640, 1280), (400, 800, 1600), (288, 448, 704, 1088))
+BAND_CANDIDATES = ((), (320,), (320, 640), (320, 640, 1280), (400, 800, 1600), (288, 448, 704, 1088),
+                   (160, 400, 800, 1600), (224, 400, 800, 1600))
 
 
 def with_size_offsets(table: pd.DataFrame, oof: np.ndarray, sides: np.ndarray, edges,
