@@ -92,6 +92,16 @@ class Blocklist:
     def repo_held_out(self, repo: str) -> bool:
         return normalise_repo(repo) in self.repos
 
+    def public_origin(self, origin: str) -> str:
+        """``origin`` without the name of a held-out repository: the shared manifests write origins
+        as ``github:OWNER/NAME:PATH``, and one in a repository of ``blocklist_repos.txt`` becomes
+        ``shared-dev:PATH``, so that files committed to the project never name those repositories."""
+        if origin.startswith("github:"):
+            repo, sep, path = origin.removeprefix("github:").partition(":")
+            if sep and self.repo_held_out(repo):
+                return f"shared-dev:{path}"
+        return origin
+
     def held_out(self, sha256: str, dhash: int) -> str:
         """Why an image is held out (``"sha256"`` or ``"dhash"``), or ``""`` when it may be used."""
         if sha256.lower() in self.sha256:

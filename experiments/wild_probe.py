@@ -167,17 +167,6 @@ def group_of(row) -> str:
     return f"real:{row.source}" if int(row.label) == 0 else f"fake:{family(str(row.generator))}"
 
 
-def public_source(source: str, blocklist: Blocklist) -> str:
-    """``source`` without the name of a held-out repository: the shared manifests give origins as
-    ``github:OWNER/NAME:PATH``; one from a repository of ``blocklist_repos.txt`` becomes
-    ``shared-dev:PATH``, so that the splits committed under data/ never name those repositories."""
-    if source.startswith("github:"):
-        repo, sep, path = source.removeprefix("github:").partition(":")
-        if sep and blocklist.repo_held_out(repo):
-            return f"shared-dev:{path}"
-    return source
-
-
 def read_pool(manifests: list[str]) -> pd.DataFrame:
     tables = []
     for manifest in manifests:
@@ -187,7 +176,7 @@ def read_pool(manifests: list[str]) -> pd.DataFrame:
     table = pd.concat(tables, ignore_index=True)
     table["source"] = table["source"].fillna("").astype(str) if "source" in table else ""
     blocklist = Blocklist.read()
-    table["source"] = [public_source(s, blocklist) for s in table["source"]]
+    table["source"] = [blocklist.public_origin(s) for s in table["source"]]
     table["sha256"] = [file_sha256(p) for p in table["path"]]
     table = table.drop_duplicates("sha256").reset_index(drop=True)
     table["group"] = [group_of(r) for r in table.itertuples(index=False)]

@@ -133,6 +133,13 @@ def test_engine_enforces_the_held_out_rule(world, capsys):
     assert _run(world, "--check") == 1
 
 
+def test_origins_in_held_out_repositories_are_not_named():
+    rule = blocklist.Blocklist(repos={"held/out"}, loaded=True)
+    assert rule.public_origin("github:Held/Out:assets/a.png") == "shared-dev:assets/a.png"
+    assert rule.public_origin("github:other/repo:assets/a.png") == "github:other/repo:assets/a.png"
+    assert rule.public_origin("deb-mate-backgrounds") == "deb-mate-backgrounds"
+
+
 def test_grid_tiles_are_cut_without_gaps():
     boxes = engine.tile_boxes(130, 66, 2, 4, 2)
     assert boxes[0] == (2, 2, 32, 32) and boxes[-1] == (98, 34, 128, 64)
