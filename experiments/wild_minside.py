@@ -2,8 +2,9 @@
 on the pool only (out of fold; the winner's saved members), never on the sealed test.
 
 A view whose short side (as the encoder receives it, before its resize) is under the minimum gets no
-verdict: it counts as neither called generated nor caught, and it takes no part in the size offsets
-or the threshold (its logit is set far below any threshold). For each minimum, prints the offsets,
+verdict: it counts as neither called generated nor caught. Its logit is set far below any threshold,
+so it stays in the denominators of the false-positive rates that fit the size offsets and the
+threshold, as a photo not called generated (how the label's FPR would count it). For each minimum, prints the offsets,
 the threshold ``fit`` would set and every condition's FPR / recall there, with the share of real /
 generated views left without a verdict.
 
@@ -41,7 +42,7 @@ def main() -> None:
         judged = sides >= minimum
         offsets, shifted = wp.with_size_offsets(table, np.where(judged, oof, NO_VERDICT), sides, edges,
                                                 args.target_fpr)
-        op = wp.operating_point(table, np.where(judged, shifted, NO_VERDICT), args.target_fpr)
+        op = wp.operating_point(table, shifted, args.target_fpr)  # an offset leaves NO_VERDICT below any threshold
         mean_recall = np.mean([op[f"op_recall_{name}"] for name in wp.CONDITIONS])
         print(f"minimum {minimum} px: offsets {' '.join(f'{o:+.2f}' for o in offsets)}, threshold "
               f"{op['op_threshold']:.3f}, mean recall {mean_recall:.3f}")
