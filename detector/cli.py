@@ -359,12 +359,15 @@ def _named_files_only(inputs) -> bool:
 
 def _print_verdicts(path: str, last: int | None = None) -> None:
     """The verdicts on stdout, one line per file (the ``last`` rows only, if given)."""
+    from .calibration import TOO_SMALL
     from .results import read_rows
 
     rows = read_rows(path)
     for row in rows[-last:] if last else rows:
         if row["error"]:
             click.echo(f"{row['path']}: not scored: {row['error']}")
+        elif row["label"] == TOO_SMALL:
+            click.echo(f"{row['path']}: too small to judge ({row['width']}x{row['height']} px): no verdict")
         else:
             click.echo(f"{row['path']}: {row['label']} (probability {float(row['probability']):.3f} that it is generated)"
                        + (f"; provenance: {row['provenance']}" if row.get("provenance") else "")
@@ -512,6 +515,8 @@ def _describe_checkpoint(checkpoint: Path, architecture: str | None):
                 bounds = [f"under {bands['edges'][0]:g} px"] + [f"from {e:g} px" for e in bands["edges"]]
                 extra.append(("size offsets", ", ".join(f"{o:g} off the logit {b}" for o, b in zip(bands["offsets"], bounds))
                               + " (short side)"))
+            if detector.config.min_side:
+                extra.append(("minimum size", f"{detector.config.min_side} px a side (smaller images: too small, no verdict)"))
         else:
             model, info = load_model(checkpoint, architecture)
             n_params, extra = sum(p.numel() for p in model.parameters()), []

@@ -9,18 +9,20 @@ scikit-learn's estimators: :meth:`~Ensemble.predict` (one image to a
 the models). A single model is a set of one, whose verdict is its own.
 
 Members are fused on their calibrated margins (:func:`detector.fusion.fuse_margins`) with their
-weights; a member of weight 0 is computed and reported only when asked for at load time.
+weights; a member of weight 0 is computed and reported only when asked for at load time. An image
+under a voting member's minimum size gets the set's verdict ``too small``, with no probability.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .calibration import Verdict
+from .calibration import TOO_SMALL, Verdict
 from .fusion import MODEL_FUSION_RULES, fuse_margins
 from .images import DEFAULT_MAX_PIXELS, as_pixels
 from .inference import Detector
@@ -72,6 +74,12 @@ class Ensemble:
         """Names of the members that decide (weight > 0)."""
         return [n for n, w in zip(self.names, self.weights) if w > 0]
 
+    @property
+    def min_side(self) -> int:
+        """The shortest side, in px, of an image this set gives a verdict: the largest of its voting
+        members' (smaller images are labelled ``too small``)."""
+        return max((m.min_side for m, w in zip(self.members, self.weights) if w > 0), default=0)
+
     def at_fpr(self, rate: float) -> "Ensemble":
         """This set with every voting member's threshold moved to false-positive rate ``rate`` (see
         :meth:`detector.checkpoints.CheckpointInfo.at_fpr`); raises ``CheckpointError`` when a member
@@ -98,10 +106,11 @@ class Ensemble:
         number of crops and the convolutional member's logit map (kept only if that member votes).
         Raises ``FloatingPointError`` naming the member whose score is not finite."""
         logit_map = extra.pop("logit_map", None)
+        size = {k: extra[k] for k in ("width", "height") if k in extra}
         own = {}
         for name, member, z in zip(self.names, self.members, logits):
             try:
-                own[name] = member.verdict(z)
+                own[name] = member.verdict(z, **size)
             except FloatingPointError as err:
                 raise FloatingPointError(f"{name}: {err}") from None
         conv = self.conv
@@ -112,6 +121,8 @@ class Ensemble:
             return Verdict(single.logit, single.probability, single.label, **maps, **extra)
         margins = np.array([[m.margin(z) for m, z in zip(self.members, logits)]])
         fused = float(fuse_margins(margins, self.rule, weights=self.weights)[0])
+        if any(own[n].label == TOO_SMALL for n, w in zip(self.names, self.weights) if w > 0):
+            return Verdict(fused, math.nan, TOO_SMALL, members=own, **maps, **extra)
         probability = float(sigmoid(fused))
         return Verdict(fused, probability, "fake" if probability >= 0.5 else "real", members=own, **maps, **extra)
 
@@ -155,4 +166,5 @@ class Ensemble:
         return {"architecture": "model-set", "weights": self.source or "model set", "weights_sha256": digest,
                 "fusion": self.rule, "voting": self.voting, "members": members,
                 "precision": "+".join(str(m.precision) for m in self.members), "threshold": 0.0, "temperature": 1.0,
+                "min_side": self.min_side,
                 "device": str(self.device)}

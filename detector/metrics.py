@@ -287,15 +287,33 @@ def summary(
     fars: tuple[float, ...] = (0.10, 0.05, 0.01),
     n_boot: int = 1000,
     seed: int = 0,
+    judged: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Every metric of one group, as a flat dict (the rows of ``metrics.csv``)."""
+    """Every metric of one group, as a flat dict (the rows of ``metrics.csv``).
+
+    ``judged`` (boolean, one per image) marks the images the detector gives a verdict; the others
+    (too small) are neither called generated nor caught: they count in the label's accuracies as a
+    real verdict would not, stay in every ranking metric (AUC, EER, detection at a false-alarm rate:
+    the logit exists), and are counted in ``n_too_small_real`` / ``n_too_small_fake``. Calibration
+    metrics (ECE, log loss) cover the judged images only.
+    """
     y, s = _check(labels, scores)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lo, hi = auc_interval(y, s, n_boot=n_boot, seed=seed) if n_boot else (float("nan"), float("nan"))
         eer, eer_t = equal_error_rate(y, s)
         best_acc, best_t = best_threshold(y, s)
-        p = sigmoid(s - threshold, temperature)  # the calibrated probability: 0.5 at the threshold
+        if judged is None:
+            acc_real = accuracy_real(y, s, threshold=threshold)
+            acc_fake = accuracy_fake(y, s, threshold=threshold)
+            yj, sj = y, s
+        else:
+            judged = np.asarray(judged, dtype=bool)
+            called = judged & (s >= threshold)
+            acc_real = float(np.mean(~called[y == 0])) if (y == 0).any() else float("nan")
+            acc_fake = float(np.mean(called[y == 1])) if (y == 1).any() else float("nan")
+            yj, sj = y[judged], s[judged]
+        p = sigmoid(sj - threshold, temperature)  # the calibrated probability: 0.5 at the threshold
         out = {
             "n_real": int((y == 0).sum()),
             "n_fake": int((y == 1).sum()),
@@ -303,9 +321,9 @@ def summary(
             "auc_low": lo,
             "auc_high": hi,
             "ap": average_precision(y, s),
-            "acc_real": accuracy_real(y, s, threshold=threshold),
-            "acc_fake": accuracy_fake(y, s, threshold=threshold),
-            "balanced_acc": balanced_accuracy(y, s, threshold=threshold),
+            "acc_real": acc_real,
+            "acc_fake": acc_fake,
+            "balanced_acc": 0.5 * (acc_real + acc_fake),
             "threshold": float(threshold),
             "eer": eer,
             "eer_threshold": eer_t,
@@ -315,7 +333,9 @@ def summary(
         out.update(
             best_balanced_acc=best_acc,
             best_threshold=best_t,
-            ece=expected_calibration_error(y, p),
-            log_loss=logloss(y, p) if 0 < (y == 1).sum() < y.size else float("nan"),
+            ece=expected_calibration_error(yj, p) if yj.size else float("nan"),
+            log_loss=logloss(yj, p) if 0 < (yj == 1).sum() < yj.size else float("nan"),
         )
+        if judged is not None:
+            out.update(n_too_small_real=int((~judged & (y == 0)).sum()), n_too_small_fake=int((~judged & (y == 1)).sum()))
     return out

@@ -56,8 +56,12 @@ class ProbeConfig:
     head: str = "linear"  # a key of PROBE_HEADS; checkpoints written before the MLP head have none
     # {"edges": [e1, ..., ek], "offsets": [o0, ..., ok]}: short sides below e1 take o0, from e1 below e2 o1, ...
     size_offsets: dict | None = None
+    # images whose shorter side is under this get no verdict (label "too small"); 0: none refused
+    min_side: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.min_side, int) or isinstance(self.min_side, bool) or self.min_side < 0:
+            raise ValueError(f"min_side must be a whole number of pixels >= 0, got {self.min_side!r}")
         if self.size_offsets is not None:
             edges, offsets = ((self.size_offsets.get("edges"), self.size_offsets.get("offsets"))
                               if isinstance(self.size_offsets, dict) else (None, None))
@@ -77,6 +81,8 @@ class ProbeConfig:
         out = asdict(self)
         if self.size_offsets is None:  # checkpoints without offsets keep the record they always had
             del out["size_offsets"]
+        if not self.min_side:  # nor does one without a minimum size
+            del out["min_side"]
         return out
 
     def size_offset(self, height: int, width: int) -> float:
@@ -261,6 +267,11 @@ class ProbeDetector(CalibratedVerdicts):
         self.precision = str(getattr(backbone, "precision", "unknown"))
         self.stride = 1
 
+    @property
+    def min_side(self) -> int:
+        """Images whose shorter side is under this get no verdict (see :class:`ProbeConfig`)."""
+        return self.config.min_side
+
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
                         threads: int | None = None) -> "ProbeDetector":
@@ -337,6 +348,7 @@ class ProbeDetector(CalibratedVerdicts):
             "views": self.config.views,
             "view_mode": self.config.view_mode,
             "size_offsets": self.config.size_offsets,
+            "min_side": self.config.min_side,
             "device": str(self.device),
             "precision": self.precision,
             "temperature": self.temperature,

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .calibration import TOO_SMALL
 from .provenance import EVIDENCE
 
 __all__ = ["scan_report", "evaluation_report", "is_evaluation_dir", "THUMBNAIL_PX", "PAGE_SIZE"]
@@ -341,6 +342,7 @@ def scan_report(
 
     counts = "".join(f'<div class="count {cls}"><span>{labels.get(key, 0) if key else len(rows)}</span>{name}</div>'
                      for key, cls, name in (("", "all", "images"), ("fake", "fake", "fake"), ("real", "real", "real"),
+                                            *([(TOO_SMALL, "small", TOO_SMALL)] if labels.get(TOO_SMALL) else []),
                                             ("error", "error", "errors")))
     if has_provenance:
         with_evidence = sum(1 for found in evidence.values() if set(f.strength for f in found) & set(EVIDENCE))
@@ -403,7 +405,7 @@ def scan_report(
     filters = (
         '<form id="filters" class="filters">'
         '<label>label <select name="label"><option value="">any</option><option>fake</option>'
-        "<option>real</option></select></label>"
+        f"<option>real</option><option>{TOO_SMALL}</option></select></label>"
         f'<label>folder <select name="folder"><option value="*">any</option>{folder_options}</select></label>'
         '<label><input type="checkbox" name="errors"> errors only</label>'
         + ('<label>provenance <select name="prov"><option value="">any</option>'
@@ -513,6 +515,7 @@ def _worst(scores: Path, run: dict) -> str:
     spec = next((m for m in run.get("models", []) if isinstance(m, dict) and m.get("name") == model), {})
     temperature = _float(str(spec.get("temperature"))) or 1.0
     threshold = _float(str(spec.get("threshold")))
+    min_side = _float(str(spec.get("min_side"))) or 0.0
     parts = [f'<p class="hint">Ranked by <code>{_esc(column)}</code>; the probability is sigmoid((logit - '
              f"{threshold or 0:.3g}) / {temperature:.3g}).</p>"]
     for label, name, reverse in (("0", "Reals scored most fake", True), ("1", "Fakes scored most real", False)):
@@ -523,12 +526,15 @@ def _worst(scores: Path, run: dict) -> str:
             path = r.get("path", "")
             margin = (logit - (threshold or 0.0)) / temperature
             probability = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin))))
+            side = _float(r.get("short_side"))
+            called = ("" if threshold is None else TOO_SMALL if side is not None and side < min_side
+                      else "fake" if logit >= threshold else "real")
             table_rows.append(
                 f'<tr><td class="thumb">{_img(_thumbnail(path), os.path.basename(path), "file not found")}</td>'
                 f'<td class="file" title="{_esc(path)}">{_esc(os.path.basename(path))}</td>'
                 f"<td>{_esc(r.get('generator', ''))}</td><td>{_esc(r.get('format', ''))}</td>"
                 f'<td class="num">{logit:.3f}</td><td class="num">{probability:.3f}</td>'
-                f"<td>{'' if threshold is None else ('fake' if logit >= threshold else 'real')}</td></tr>"
+                f"<td>{called}</td></tr>"
             )
         head = ('<th scope="col">image</th><th scope="col">file</th><th scope="col">generator</th>'
                 '<th scope="col">format</th><th scope="col" data-type=num>logit</th>'

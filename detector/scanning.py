@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 from filelock import FileLock, Timeout
 
+from .calibration import TOO_SMALL
 from .ensemble import Ensemble
 from .fusion import FUSION_RULES
 from .images import DEFAULT_MAX_PIXELS, ImageError, InputError, decode_bytes, decode_image, find_images, read_image_bytes
@@ -100,6 +101,7 @@ class ScanSummary:
     n_skipped: int = 0
     n_fake: int = 0
     n_real: int = 0
+    n_too_small: int = 0  # images under the detector's minimum size: no verdict
     n_errors: int = 0
     seconds: float = 0.0
     uncalibrated: list[str] = field(default_factory=list)
@@ -125,13 +127,16 @@ class ScanSummary:
             self.n_errors += 1
         elif label == "fake":
             self.n_fake += 1
+        elif label == TOO_SMALL:
+            self.n_too_small += 1
         else:
             self.n_real += 1
 
     def line(self) -> str:
         done = self.n_files - self.n_skipped
+        small = f"{self.n_too_small} too small to judge, " if self.n_too_small else ""
         text = (f"{done} scanned ({self.n_skipped} already done): {self.n_fake} fake, {self.n_real} real, "
-                f"{plural(self.n_errors, 'error')} in {self.seconds:.1f} s -> {self.output}")
+                f"{small}{plural(self.n_errors, 'error')} in {self.seconds:.1f} s -> {self.output}")
         if self.evidence:
             counts = ", ".join(f"{n} {kind} ({strength})" for (kind, strength), n in sorted(
                 self.evidence.items(), key=lambda item: (STRENGTH_ORDER.index(item[0][1]), -item[1], item[0][0])))

@@ -128,9 +128,11 @@ def _answer(name: str, item: dict, verdict, error: str, seconds: float, sha256: 
            "height": item.get("height"), "format": item.get("format", ""), "n_patches": 0, "seconds": round(seconds, 4),
            "error": error, "members": {}, "detector_sha256": sha256}
     if verdict is not None:
-        out.update(logit=verdict.logit, probability=verdict.probability, label=verdict.label,
+        # no probability for an image too small to judge: JSON has no NaN
+        out.update(logit=verdict.logit, probability=verdict.probability if verdict.judged else None, label=verdict.label,
                    n_patches=verdict.n_patches,
-                   members={n: {"logit": v.logit, "probability": v.probability} for n, v in verdict.members.items()})
+                   members={n: {"logit": v.logit, "probability": v.probability if v.judged else None}
+                            for n, v in verdict.members.items()})
     return out
 
 

@@ -20,8 +20,6 @@ import pandas as pd
 
 import wild_probe as wp
 
-NO_VERDICT = -1e9  # below any threshold: never called generated, never caught
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,9 +38,9 @@ def main() -> None:
     real = table["label"].to_numpy() == 0
     for minimum in args.minimum:
         judged = sides >= minimum
-        offsets, shifted = wp.with_size_offsets(table, np.where(judged, oof, NO_VERDICT), sides, edges,
+        offsets, shifted = wp.with_size_offsets(table, np.where(judged, oof, wp.NO_VERDICT), sides, edges,
                                                 args.target_fpr)
-        op = wp.operating_point(table, shifted, args.target_fpr)  # an offset leaves NO_VERDICT below any threshold
+        op = wp.operating_point(table, shifted, args.target_fpr)  # an offset leaves wp.NO_VERDICT below any threshold
         mean_recall = np.mean([op[f"op_recall_{name}"] for name in wp.CONDITIONS])
         print(f"minimum {minimum} px: offsets {' '.join(f'{o:+.2f}' for o in offsets)}, threshold "
               f"{op['op_threshold']:.3f}, mean recall {mean_recall:.3f}")

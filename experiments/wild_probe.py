@@ -43,7 +43,9 @@ Steps, each a subcommand:
            size offsets and a calibration that puts 0.5 on the operating point: the strictest
            threshold, over the seven conditions, at which at most ``--target-fpr`` of the out-of-fold
            real scores (offsets taken off; each source weighing as the training weighs it) would be
-           called generated.
+           called generated. A view under ``--min-side`` (default 0: none) gets no verdict: it counts as a
+           photo not called generated, a generated image not caught; the minimum is stored with the weights.
+           ``--tensors CHECKPOINT`` keeps that probe's network and refits only the operating point.
 ``experts`` measures, out of fold, a second head for small images (trained only on views under
            ``--edge`` px, scoring the held-out views under it) against the winner alone, each with
            its size offset and operating point; rows accumulate under ``experts`` in the record.
@@ -80,10 +82,10 @@ sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "data"))
 from blocklist import Blocklist  # noqa: E402
 from detector.backbones import create_backbone  # noqa: E402
-from detector.checkpoints import file_sha256, save_checkpoint  # noqa: E402
+from detector.checkpoints import file_sha256, read_state_dict, save_checkpoint  # noqa: E402
 from detector.datasets import read_labelled  # noqa: E402
 from detector.metrics import auc, auc_difference_interval  # noqa: E402
-from detector.probe import size_band  # noqa: E402
+from detector.probe import ProbeConfig, probe_from_state, size_band  # noqa: E402
 from detector.training.calibration import (FPR_TARGETS, fit_operating_point, fit_size_offsets,  # noqa: E402
                                            strictest_thresholds)
 from detector.training.probe import MLPRecipe, fit_mlp_probe, fit_probe, group_weights, probe_config  # noqa: E402
@@ -111,6 +113,9 @@ CHOICE_CONDITIONS = CONDITIONS[:3]
 # head, detector.training.probe.merge_mlp_probes: its logit is the mean of its members', so its out-of-fold
 # logits are the mean of theirs and each member's are saved and reused on their own)
 HEADS = ("linear", "mlp", "mlpx3", "mlpx5")
+# the logit given to a view under the probe's minimum size (no verdict): below any threshold, so it is never
+# called generated nor caught, and stays in the denominators of the false-positive rates that fit the operating point
+NO_VERDICT = -1e9
 
 
 def mlp_recipe(head: str) -> tuple[MLPRecipe, int]:
@@ -581,10 +586,13 @@ def cmd_fit(args) -> None:
     # out-of-fold scores of the winner (the operating point must come from unseen sources)
     oof = arm_oof(args.cache, best, table, features)
     real = y == 0
+    sides = load_sides(table, args.cache)
+    judged = sides >= args.min_side  # a view under the minimum gets no verdict (see NO_VERDICT)
+    oof = np.where(judged, oof, NO_VERDICT)
     edges = args.size_edges if args.size_edges is not None else (record.get("size_bands") or {}).get("chosen", [])
     size_offsets = None
     if edges:
-        offsets, oof = with_size_offsets(table, oof, load_sides(table, args.cache), edges, args.target_fpr)
+        offsets, oof = with_size_offsets(table, oof, sides, edges, args.target_fpr)
         size_offsets = {"edges": [float(e) for e in edges], "offsets": offsets}
         print("size offsets (short side below " + ", ".join(f"{e:g}" for e in edges) + " px, then above): "
               + ", ".join(f"{o:+.3f}" for o in offsets))
@@ -592,19 +600,30 @@ def cmd_fit(args) -> None:
     points = strictest_thresholds([oof[real, k] for k in range(oof.shape[1])],
                                   sorted({*FPR_TARGETS, args.target_fpr}), w[real])
     k = len(CONDITIONS)
-    calibration = fit_operating_point(np.tile(y, k), oof.T.ravel(), target_fpr=args.target_fpr, points=points)
-    for name, s in per_condition.items():
+    seen = judged.T.ravel()  # the temperature is fitted on views that get a verdict
+    calibration = fit_operating_point(np.tile(y, k)[seen], oof.T.ravel()[seen], target_fpr=args.target_fpr,
+                                      points=points)
+    for j, (name, s) in enumerate(per_condition.items()):
         fpr = float((s[real] >= calibration.threshold).mean())
         recall = float((s[~real] >= calibration.threshold).mean())
-        print(f"out-of-fold, {name}: FPR {fpr:.3f}, recall {recall:.3f} at threshold {calibration.threshold:.3f}")
+        print(f"out-of-fold, {name}: FPR {fpr:.3f}, recall {recall:.3f} at threshold {calibration.threshold:.3f}; "
+              f"too small: {(~judged[real, j]).mean():.3f} of reals, {(~judged[~real, j]).mean():.3f} of generated")
     if args.dry_run:
         return
-    probe = fit_arm(features, y, w, best["train_views"], best["C"], best["head"])
     feature = product_feature(best["features"])
+    if args.tensors:  # only the operating point is refitted: the network is the given checkpoint's, unchanged
+        state, meta = read_state_dict(args.tensors)
+        kept = ProbeConfig(**meta["probe"])
+        if kept.head != product_head(best["head"]) or kept.backbone.get("feature") != feature:
+            raise SystemExit(f"{args.tensors}: a {kept.head} head on {kept.backbone.get('feature')}, not the winner's "
+                             f"{product_head(best['head'])} on {feature}")
+        probe = probe_from_state(kept.head, state)
+    else:
+        probe = fit_arm(features, y, w, best["train_views"], best["C"], best["head"])
     backbone = create_backbone(ENCODER, feature=feature)
     probe.config = replace(probe_config(ENCODER, backbone, views=1, view_mode="resize",
                                         head=product_head(best["head"])),
-                           size_offsets=size_offsets)
+                           size_offsets=size_offsets, min_side=args.min_side)
     metadata = {
         "architecture": probe.config.architecture,
         "probe": probe.config.to_dict(),
@@ -616,6 +635,7 @@ def cmd_fit(args) -> None:
                    "c": best["C"],
                    "group_weight_power": 0.5, "operating_point_conditions": list(CONDITIONS),
                    "feature": feature, "backbone": ENCODER},
+        **({"tensors_from": {"file": str(args.tensors), "sha256": file_sha256(args.tensors)}} if args.tensors else {}),
         "data": {"pool": "data/splits/wild_pool.csv", "n_train": int(len(y)), "n_train_real": int(real.sum()),
                  "n_train_fake": int((~real).sum()), "sealed_test": "data/splits/wild_test.csv"},
         "cv": {key: best[key] for key in best if key.startswith(("auc_", "worst_", "op_")) or key == "score"},
@@ -625,7 +645,8 @@ def cmd_fit(args) -> None:
     }
     save_checkpoint(args.out, probe, metadata, dtype=None)
     record["operating_point"] = {"threshold": calibration.threshold, "temperature": calibration.temperature,
-                                 "target_fpr": args.target_fpr, "size_offsets": size_offsets}
+                                 "target_fpr": args.target_fpr, "size_offsets": size_offsets,
+                                 "min_side": args.min_side}
     RESULTS.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}: features {feature}, train views {best['train_views']}, head {best['head']}, "
           f"C={best['C']}, one resized view, "
@@ -641,9 +662,10 @@ def cmd_sources(args) -> None:
                                     [best["train_views"]])
     logits = arm_oof(args.cache, best, table, features)
     del features
+    sides = load_sides(table, args.cache)
     if cal.get("size_offsets"):
-        logits = logits - band_offsets(load_sides(table, args.cache), cal["size_offsets"]["edges"],
-                                       cal["size_offsets"]["offsets"])
+        logits = logits - band_offsets(sides, cal["size_offsets"]["edges"], cal["size_offsets"]["offsets"])
+    logits = np.where(sides >= cal.get("min_side", 0), logits, NO_VERDICT)
     real = (table["label"] == 0).to_numpy()
     over = pd.DataFrame(logits[real] >= cal.get("threshold", 0.0), columns=list(CONDITIONS))
     counts = over.groupby(table.loc[real, "group"].to_numpy()).sum()
@@ -688,6 +710,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="short sides (px) that bound the bands of the size offsets (default: those `bands` "
                                 "chose; given with no value: no offsets)")
             p.add_argument("--dry-run", action="store_true", help="print the operating point; write nothing")
+            p.add_argument("--min-side", type=int, default=0,
+                           help="images whose short side is under this get no verdict (stored with the weights); "
+                                "campaign 10 tried 64 px, the data engine's floor, and did not ship it")
+            p.add_argument("--tensors", default=None,
+                           help="keep this probe checkpoint's network and refit only the operating point")
     args = parser.parse_args(argv)
     {"split": cmd_split, "cv": cmd_cv, "fit": cmd_fit, "resnet": cmd_resnet, "bands": cmd_bands,
      "experts": cmd_experts, "sources": cmd_sources}[args.command](args)

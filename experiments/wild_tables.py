@@ -2,7 +2,7 @@
 
 Reads ``robustness.csv`` (condition x group x model x metric) of the evaluation folder and prints:
 the overall figures per condition (ROC AUC with its interval, recall at 1% and 5% FPR, the default
-label's FPR and recall, counts), then per real source (AUC and the label's FPR per condition) and per
+label's FPR and recall, counts, and for a model with a minimum size the images it called too small), then per real source (AUC and the label's FPR per condition) and per
 generator (AUC and the label's recall per condition), each with its number of images, and the label's
 FPR and recall per band of the files' short sides (the bands of the probe's size offsets, from
 ``run.json`` and the per-image ``robustness/*_scores.csv``)::
@@ -42,13 +42,17 @@ def value(df: pd.DataFrame, condition: str, group: str, metric: str) -> float:
 
 
 def overall(df: pd.DataFrame, conditions: list[str]) -> str:
-    lines = ["| condition | reals | generated | AUC [95% CI] | recall at 1% FPR | recall at 5% FPR | label FPR | label recall |",
-             "|---|---|---|---|---|---|---|---|"]
+    # a model with a minimum size: how many images of each class got no verdict ("too small")
+    small = df["metric"].eq("n_too_small_real").any()
+    lines = ["| condition | reals | generated | AUC [95% CI] | recall at 1% FPR | recall at 5% FPR | label FPR | label recall |"
+             + (" too small (reals / generated) |" if small else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if small else "")]
     for c in conditions:
         v = lambda m: value(df, c, "all", m)  # noqa: E731
         lines.append(f"| {NAMES.get(c, c)} | {v('n_real'):.0f} | {v('n_fake'):.0f} | {v('auc'):.3f} "
                      f"[{v('auc_low'):.3f}, {v('auc_high'):.3f}] | {v('pd@0.01far'):.3f} | {v('pd@0.05far'):.3f} "
-                     f"| {1 - v('acc_real'):.3f} | {v('acc_fake'):.3f} |")
+                     f"| {1 - v('acc_real'):.3f} | {v('acc_fake'):.3f} |"
+                     + (f" {v('n_too_small_real'):.0f} / {v('n_too_small_fake'):.0f} |" if small else ""))
     return "\n".join(lines)
 
 

@@ -67,6 +67,18 @@ def test_scan_answers_like_the_scan_row_raw_or_multipart(model):
         assert client.get("/v1/detector").json()["weights_sha256"] == model.describe()["weights_sha256"]
 
 
+def test_an_image_under_the_minimum_size_is_answered_too_small_with_a_null_probability(model):
+    model.members[0].min_side = 64  # as a probe with a minimum size would be
+    with _client(model) as client:
+        small = client.post("/v1/scan", content=_png(48, 56), headers={"Content-Type": "image/png"})
+        large = client.post("/v1/scan", content=_png(64, 80), headers={"Content-Type": "image/png"})
+        metrics = client.get("/metrics").text
+    assert small.status_code == 200 and small.json()["label"] == "too small", small.text
+    assert small.json()["probability"] is None and small.json()["logit"] is not None
+    assert large.json()["label"] in ("real", "fake") and 0 <= large.json()["probability"] <= 1
+    assert 'detector_images_total{label="too small"} 1.0' in metrics
+
+
 def test_errors_are_json_with_the_right_status_and_no_traceback(model):
     with _client(model, max_body_mb=0.01, max_pixels=100_000) as client:
         cases = {

@@ -37,7 +37,8 @@ def settings_key(model: dict, options: EvalOptions, condition: str) -> str:
     ``model`` is :meth:`Detector.describe`: the sha256 of its tensors (not of the file, whose
     calibration a rescore does not depend on: a recalibrated checkpoint reuses its scores),
     architecture, device, precision and torch version count, for a probe its encoder and views, and
-    for an exported model its runtime and version (its model file's sha256 is the weights');
+    for an exported model its runtime and version (its model file's sha256 is the weights'); a probe's
+    size offsets count too (they are taken off its logit, and a recalibration can change them);
     its file path does not; so does this package's version, since a new version may compute a
     score differently.
     """
@@ -45,7 +46,8 @@ def settings_key(model: dict, options: EvalOptions, condition: str) -> str:
                "architecture": model.get("architecture"), "device": model.get("device"),
                "precision": model.get("precision"), "torch": model.get("torch"), "detector": _package_version(),
                "scoring": options.scoring_settings(), "condition": condition,
-               **{k: model[k] for k in ("backbone_sha256", "feature", "views", "view_mode", "runtime") if k in model}}
+               **{k: model[k] for k in ("backbone_sha256", "feature", "views", "view_mode", "size_offsets", "runtime")
+                  if k in model}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 
 

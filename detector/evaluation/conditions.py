@@ -68,6 +68,19 @@ class Perturbation:
     def name(self) -> str:
         return "png" if self.kind == "png" else f"{self.kind}:{self.value:g}"
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` of what :meth:`apply` makes of an image of this size (the size a
+        detector's minimum is checked against, known without decoding)."""
+        if self.kind in ("crop", "center"):
+            return min(int(self.value), width), min(int(self.value), height)
+        if self.kind == "resize":
+            return max(1, round(width * self.value)), max(1, round(height * self.value))
+        if self.kind == "screenshot":
+            factor = min(1.0, self.value / height, round(self.value * 16 / 9) / width)
+            if factor < 1:
+                return max(1, round(width * factor)), max(1, round(height * factor))
+        return width, height
+
     def apply(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The perturbed RGB uint8 pixels; ``rng`` places the crop (the other kinds ignore it)."""
         if self.kind == "jpeg":
@@ -103,6 +116,11 @@ class Chain:
     @property
     def name(self) -> str:
         return "+".join(p.name for p in self.steps)
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        for step in self.steps:
+            width, height = step.output_size(width, height)
+        return width, height
 
     def apply(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         for step in self.steps:
@@ -184,6 +202,13 @@ class EvalOptions:
     def conditions(self) -> tuple[Perturbation | Chain | None, ...]:
         """``None`` (the clean condition) then each perturbation."""
         return (None, *self.perturbations)
+
+    def scored_size(self, width: int, height: int, condition: Perturbation | Chain | None) -> tuple[int, int]:
+        """``(width, height)`` of a stored image of this size as the models see it under ``condition``
+        (after the central crop and the perturbation; a JPEG round trip keeps the size)."""
+        if self.center_crop:
+            width, height = min(self.center_crop, width), min(self.center_crop, height)
+        return condition.output_size(width, height) if condition is not None else (width, height)
 
     def scoring_settings(self) -> dict:
         """Everything besides the model and the condition that can change a logit."""

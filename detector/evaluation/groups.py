@@ -31,11 +31,13 @@ MIN_GROUP = 5
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A column of logits and how to read it: the threshold and the temperature of its model."""
+    """A column of logits and how to read it: the threshold and the temperature of its model, and the
+    shortest side of an image it gives a verdict (0: every image; smaller ones are ``too small``)."""
 
     name: str
     threshold: float = 0.0
     temperature: float = 1.0
+    min_side: int = 0
 
     @property
     def column(self) -> str:
@@ -75,7 +77,10 @@ def fuse_models(logits: np.ndarray, models: Sequence[ModelSpec], rule: str = "me
     if z.ndim != 2 or z.shape[1] != len(models):
         raise ValueError(f"logits must be (n_images, {len(models)}), got {z.shape}")
     margins = np.stack([m.margin(z[:, k]) for k, m in enumerate(models)], axis=1)
-    return fuse_margins(margins, rule, weights=weights), ModelSpec("fused", threshold=0.0, temperature=1.0)
+    say = weights if weights is not None else [1.0] * len(models)
+    min_side = max((m.min_side for m, w in zip(models, say) if w > 0), default=0)  # as Ensemble.min_side
+    return fuse_margins(margins, rule, weights=weights), ModelSpec("fused", threshold=0.0, temperature=1.0,
+                                                                    min_side=min_side)
 
 
 @dataclass(frozen=True)
@@ -142,21 +147,25 @@ def group_metrics(
 ) -> pd.DataFrame:
     """Tidy metrics (group, model, metric, value) of every group and model, via :func:`metrics.summary`.
 
-    Rows whose logit is NaN (unreadable files) are left out. With ``average``, an ``average`` row
+    Rows whose logit is NaN (unreadable files) are left out. A model with a minimum size gives no
+    verdict on the rows whose ``short_side`` (the side it saw; without that column the stored
+    ``width`` and ``height``) is under it (see :func:`metrics.summary`). With ``average``, an ``average`` row
     is the mean over the generator groups of each metric, except ``n_fake``, which is their sum,
     and the AUC interval, which is a bootstrap of the mean AUC (:func:`metrics.mean_auc_interval`).
     """
     labels = df["label"].to_numpy(dtype=int)
+    sides = short_sides(df)
     rows = []
     for model in models:
         scores = df[model.column].to_numpy(dtype=np.float64)
         valid = np.isfinite(scores)
+        judged = ~(sides < model.min_side) if model.min_side else None  # an unknown size is judged, as in a scan
         per_generator, generator_fakes = [], []
         for group in groups:
             keep = group.mask & valid
             small = _own_images(group, keep, labels) < MIN_GROUP
             values = M.summary(labels[keep], scores[keep], threshold=model.threshold, temperature=model.temperature,
-                               n_boot=0 if small else n_boot, seed=seed)
+                               n_boot=0 if small else n_boot, seed=seed, judged=None if judged is None else judged[keep])
             rows.extend((group.name, model.name, k, float(v)) for k, v in values.items())
             if small:
                 rows.append((group.name, model.name, "small", 1.0))
@@ -170,6 +179,16 @@ def group_metrics(
                                                                     n_boot=n_boot, seed=seed)
             rows.extend(("average", model.name, k, float(v)) for k, v in mean.items())
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
+
+
+def short_sides(df: pd.DataFrame) -> np.ndarray:
+    """Each row's shorter side as the models saw it: ``short_side`` (written per condition by the
+    scoring), else the smaller of ``width`` and ``height``; NaN where unknown."""
+    if "short_side" in df:
+        return df["short_side"].to_numpy(dtype=np.float64)
+    if "width" in df and "height" in df:
+        return np.fmin(df["width"].to_numpy(dtype=np.float64), df["height"].to_numpy(dtype=np.float64))
+    return np.full(len(df), np.nan)
 
 
 def _own_images(group: Group, keep: np.ndarray, labels: np.ndarray) -> int:

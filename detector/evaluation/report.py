@@ -86,7 +86,8 @@ class EvalResult:
                 f"report: {Path(self.output_dir) / 'report.html'} (open it in a browser)")
 
 
-_SCORE_COLUMNS = [*COLUMNS, "format", "width", "height", "jpeg_quality", "bytes", "sha256", "error", "provenance"]
+_SCORE_COLUMNS = [*COLUMNS, "format", "width", "height", "short_side", "jpeg_quality", "bytes", "sha256", "error",
+                  "provenance"]
 
 
 def write_report(
@@ -107,7 +108,8 @@ def write_report(
     files = {"scores.csv": clean[columns], "metrics.csv": metrics, "auc.csv": _wide(metrics, "auc", reported),
              "acc.csv": _wide(metrics, "balanced_acc", reported), "breakdown.csv": breakdown}
     summary = {"metrics": _nested(metrics), "breakdown": _nested(breakdown), "warnings": notes,
-               "models": {m.name: {"threshold": m.threshold, "temperature": m.temperature} for m in reported}}
+               "models": {m.name: {"threshold": m.threshold, "temperature": m.temperature, "min_side": m.min_side}
+                          for m in reported}}
     if len(frames) > 1:
         sweep = []
         for condition, df in frames.items():
@@ -126,7 +128,7 @@ def write_report(
     record = {**record, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": software_versions(),
               "settings": options.to_dict(), "seed": options.seed,
               "models": [{**record.get("models", {}).get(m.name, {}), "name": m.name, "threshold": m.threshold,
-                          "temperature": m.temperature} for m in reported],
+                          "temperature": m.temperature, "min_side": m.min_side} for m in reported],
               "n_images": len(clean), "n_real": int((clean["label"] == 0).sum()),
               "n_fake": int((clean["label"] == 1).sum()), "n_errors": n_errors, "warnings": notes}
     _write_json(output_dir / "run.json", record)
@@ -142,7 +144,7 @@ def summary_table(metrics: pd.DataFrame) -> str:
     """The terminal table: one row per group and model, the headline metrics."""
     shown = {"n_real": "reals", "n_fake": "fakes", "auc": "AUC", "auc_low": "lo", "auc_high": "hi", "ap": "AP",
              "balanced_acc": "bAcc", "acc_real": "acc real", "acc_fake": "acc fake", "eer": "EER",
-             "pd@0.05far": "Pd@5%"}
+             "pd@0.05far": "Pd@5%", "n_too_small_real": "small reals", "n_too_small_fake": "small fakes"}
     part = metrics[metrics["metric"].isin(list(shown))]
     table = part.pivot_table(index=["group", "model"], columns="metric", values="value", sort=False, dropna=False)
     table = table.reindex(columns=[c for c in shown if c in table.columns])
@@ -153,9 +155,11 @@ def summary_table(metrics: pd.DataFrame) -> str:
     if small:  # groups of fewer than MIN_GROUP images of their own: no interval, and said so
         table.index = table.index.set_levels([f"{g} (<{MIN_GROUP})" if g in small else g for g in table.index.levels[0]],
                                              level=0)
-    for c in ("reals", "fakes"):
-        table[c] = table[c].map(lambda v: f"{v:.0f}")
-    order = ["reals", "fakes", "AUC [95% CI]", "AP", "bAcc", "acc real", "acc fake", "EER", "Pd@5%"]
+    for c in ("reals", "fakes", "small reals", "small fakes"):
+        if c in table.columns:
+            table[c] = table[c].map(lambda v: f"{v:.0f}" if np.isfinite(v) else "")
+    order = ["reals", "fakes", "AUC [95% CI]", "AP", "bAcc", "acc real", "acc fake", "small reals", "small fakes", "EER",
+             "Pd@5%"]
     table = table[[c for c in order if c in table.columns]].rename_axis(columns=None)
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
         text = table.to_string()

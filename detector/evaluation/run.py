@@ -65,7 +65,7 @@ def evaluate(
     start = time.perf_counter()
     output_dir = Path(output_dir)
     stems = names or [Path(d.info.path).stem if d.info else "model" for d in detectors]
-    models = [ModelSpec(n, threshold=d.threshold, temperature=d.temperature)
+    models = [ModelSpec(n, threshold=d.threshold, temperature=d.temperature, min_side=getattr(d, "min_side", 0))
               for n, d in zip(model_names(stems), detectors)]
     with _Locked(output_dir):
         cache = ScoreCache(output_dir / "cache")
@@ -130,7 +130,7 @@ def evaluate_scan_outputs(
     detector = described[0]
     stem = Path(detector["weights"]).stem if detector.get("weights") else "scan"
     model = ModelSpec(model_names([stem])[0], threshold=float(detector.get("threshold", 0.0)),
-                      temperature=float(detector.get("temperature", 1.0)))
+                      temperature=float(detector.get("temperature", 1.0)), min_side=int(detector.get("min_side") or 0))
     scores = pd.concat(parts, ignore_index=True).rename(columns={"logit": model.column})
     scores["jpeg_quality"] = [read_jpeg_quality(p) if f in ("JPEG", "MPO") and os.path.isfile(p) else None
                               for p, f in zip(scores["path"], scores["format"])]

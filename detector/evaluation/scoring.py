@@ -145,6 +145,9 @@ def score_all(
     for c in conditions:
         df = table.copy()
         df["error"] = [e or errors.get((s, c), "") for s, e in zip(df["sha256"], df["error"])]
+        # the shorter side the models saw, against which a detector's minimum size is checked
+        df["short_side"] = [min(options.scored_size(int(w), int(h), c)) if np.isfinite(w) and np.isfinite(h) else np.nan
+                            for w, h in zip(df["width"].astype(float), df["height"].astype(float))]
         for m, model in enumerate(models):
             values = [cache.get(s, keys[(m, c)]) if not e else None for s, e in zip(df["sha256"], df["error"])]
             df[model.column] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)

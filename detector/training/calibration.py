@@ -226,6 +226,9 @@ def calibrate_detector(detector, table, settings, *, fusion: str = "mean", targe
         if scored.verdict is None:
             log(f"skipped {scored.item['path']}: {scored.error}")
             continue
+        if not scored.verdict.judged:  # under the detector's minimum size: it never gets a label to calibrate
+            log(f"skipped {scored.item['path']}: too small to judge")
+            continue
         labels.append(scored.item["label"])
         logits.append(scored.verdict.logit)
     conv = one.conv
