@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -150,17 +151,31 @@ def test_requests_arriving_together_share_batches_and_a_full_queue_says_503(mode
             t.join()
         assert [a.status_code for a in answers] == [200] * 6
         assert max(calls) > 1  # at least two requests were scored in one forward pass
-    with _client(model, queue_size=1, batch_wait_ms=300, max_batch=1) as client:
+    # the queue fills for certain, whatever the machine's load: the first request's forward pass is held
+    # until the others have been answered or queued (one place in the queue, so at least four are refused)
+    release = threading.Event()
+
+    def held(batch):
+        release.wait(timeout=60)
+        return real(batch)
+
+    conv.crop_maps = held
+    with _client(model, queue_size=1, batch_wait_ms=0, max_batch=1) as client:
         answers = []
         threads = [threading.Thread(target=lambda k=k: answers.append(
             client.post("/v1/scan", content=_png(seed=k), headers={"Content-Type": "image/png"}))) for k in range(6)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60
+        while sum(a.status_code == 503 for a in list(answers)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        release.set()
         for t in threads:
             t.join()
         busy = [a for a in answers if a.status_code == 503]
-        assert busy and all(a.headers.get("Retry-After") for a in busy)
+        assert len(busy) >= 4 and all(a.headers.get("Retry-After") for a in busy)
         assert json.loads(busy[0].text)["error"].startswith("busy")
+        assert {a.status_code for a in answers} == {200, 503}  # the held one (and the queued one) are answered
 
 
 def test_a_served_default_detector_agrees_with_a_local_scan_and_stops_on_sigterm(tmp_path):
