@@ -90,7 +90,8 @@ def worst_source_auc(df: pd.DataFrame, conditions: list[str], min_n: int = 5) ->
 
 def by_size(folder: Path, model: str, conditions: list[str], edges: list[int] | None = None) -> str:
     """Per band of the short side of the file as stored, per condition: the ROC AUC inside the band and
-    the default label's false positives and catches with the counts behind them. Bands: ``edges``, else
+    the default label's false positives and catches with the counts behind them (an image left without a
+    verdict by the model's minimum size is neither). Bands: ``edges``, else
     those of the model's size offsets, else < 320 / >= 320 px."""
     run = json.loads((folder / "run.json").read_text())
     info = next((m for m in run["models"] if m.get("name") == model), None)
@@ -111,7 +112,9 @@ def by_size(folder: Path, model: str, conditions: list[str], edges: list[int] | 
             side = t[["width", "height"]].min(axis=1)
             t = t[(side >= bounds[k]) & ((side < bounds[k + 1]) if bounds[k + 1] else True)]
             logit, label = t[f"logit_{model}"], t["label"]
-            flagged = logit >= info["threshold"]
+            # an image under the model's minimum size (as the condition left it) gets no verdict: not flagged
+            judged = t["short_side"] >= info.get("min_side", 0) if "short_side" in t else True
+            flagged = (logit >= info["threshold"]) & judged
             a = f"{auc(label.to_numpy(), logit.to_numpy()):.3f}" if label.nunique() == 2 else "-"
             cells.append(f"{a}; {int((flagged & (label == 0)).sum())}/{int((label == 0).sum())} / "
                          f"{int((flagged & (label == 1)).sum())}/{int((label == 1).sum())}")
