@@ -130,6 +130,29 @@ def mean_auc_interval(
     return _percentiles(aucs.mean(axis=1), level)
 
 
+def grouped_rate_interval(
+    hits: np.ndarray, groups: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a rate (a label's false-positive rate or recall) that resamples
+    whole groups (photo sources, generator families) rather than images.
+
+    Images of one source are not independent draws: a collection that the detector misreads moves the
+    rate by all its images at once, so an interval over images is too narrow. Each replicate draws as
+    many groups as there are, with replacement, and pools their images. NaN when there are no images.
+    """
+    hits = np.asarray(hits, dtype=bool)
+    groups = np.asarray(groups)
+    if hits.shape != groups.shape:
+        raise ValueError(f"hits and groups differ in shape: {hits.shape} vs {groups.shape}")
+    if hits.size == 0 or n_boot < 1:
+        return float("nan"), float("nan")
+    _, index = np.unique(groups, return_inverse=True)
+    k = np.bincount(index, weights=hits).astype(np.float64)
+    n = np.bincount(index).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(n), size=(n_boot, len(n)))
+    return _percentiles(k[draws].sum(axis=1) / n[draws].sum(axis=1), level)
+
+
 def auc_difference_interval(
     labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
     seed: int = 0,

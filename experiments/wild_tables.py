@@ -5,7 +5,8 @@ the overall figures per condition (ROC AUC with its interval, recall at 1% and 5
 label's FPR and recall, counts, and for a model with a minimum size the images it called too small), then per real source (AUC and the label's FPR per condition) and per
 generator (AUC and the label's recall per condition), each with its number of images, and the label's
 FPR and recall per band of the files' short sides (the bands of the probe's size offsets, from
-``run.json`` and the per-image ``robustness/*_scores.csv``)::
+``run.json`` and the per-image ``robustness/*_scores.csv``), and the label's FPR and recall with 95%
+intervals that resample whole sources and families::
 
     .venv/bin/python experiments/wild_tables.py runs/wild_test [--model clip_probe_vitb16]
 """
@@ -21,7 +22,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from detector.evaluation.report import condition_file  # noqa: E402
-from detector.metrics import auc  # noqa: E402
+from detector.metrics import auc, grouped_rate_interval  # noqa: E402
+from wild_probe import family  # noqa: E402
 
 NAMES = {"none": "as stored", "center:256+jpeg:90": "crop 256 + JPEG 90", "resize:0.5": "50% downscale",
          "jpeg:75": "JPEG 75", "screenshot:1080": "PNG screenshot (1080p)"}
@@ -88,15 +90,51 @@ def worst_source_auc(df: pd.DataFrame, conditions: list[str], min_n: int = 5) ->
     return "Worst real source (>= 5 photos) per condition: " + ("; ".join(out) or "none that large") + "."
 
 
-def by_size(folder: Path, model: str, conditions: list[str], edges: list[int] | None = None) -> str:
-    """Per band of the short side of the file as stored, per condition: the ROC AUC inside the band and
-    the default label's false positives and catches with the counts behind them (an image left without a
-    verdict by the model's minimum size is neither). Bands: ``edges``, else
-    those of the model's size offsets, else < 320 / >= 320 px."""
+def verdicts(folder: Path, model: str, conditions: list[str]) -> tuple[dict, dict[str, pd.DataFrame]] | None:
+    """The model's entry of ``run.json`` and, per condition, its per-image scores with ``flagged``: the
+    default label called the image generated (an image left without a verdict by the model's minimum
+    size, as the condition left it, is not). None when the run stored no threshold for the model."""
     run = json.loads((folder / "run.json").read_text())
     info = next((m for m in run["models"] if m.get("name") == model), None)
     if info is None or "threshold" not in info:
+        return None
+    tables = {}
+    for c in conditions:
+        t = pd.read_csv(folder / "robustness" / f"{condition_file(c)}_scores.csv")
+        judged = t["short_side"] >= info.get("min_side", 0) if "short_side" in t else True
+        tables[c] = t.assign(flagged=(t[f"logit_{model}"] >= info["threshold"]) & judged)
+    return info, tables
+
+
+def label_intervals(folder: Path, model: str, conditions: list[str]) -> str:
+    """The default label's FPR and recall per condition with 95% intervals that resample whole photo
+    sources and generator families (``detector.metrics.grouped_rate_interval``): images of one
+    collection are not independent draws, so these are wider than intervals over images."""
+    found = verdicts(folder, model, conditions)
+    if found is None:
+        return f"(no threshold for {model} in run.json: no label intervals)"
+    lines = ["| condition | label FPR [95% CI over sources] | photos (sources) | label recall [95% CI over families] "
+             "| generated (families) |", "|---|---|---|---|---|"]
+    for c, t in found[1].items():
+        cells = []
+        # groups as the campaign's split makes them: a photo's source, a generator's family (wild_probe.family)
+        for label, groups in ((0, t["source"].astype(str)), (1, t["generator"].astype(str).map(family))):
+            part, groups = t[t["label"] == label], groups[t["label"] == label]
+            low, high = grouped_rate_interval(part["flagged"].to_numpy(), groups.to_numpy())
+            cells += [f"{part['flagged'].mean():.3f} [{low:.3f}, {high:.3f}]", f"{len(part)} ({groups.nunique()})"]
+        lines.append(f"| {NAMES.get(c, c)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def by_size(folder: Path, model: str, conditions: list[str], edges: list[int] | None = None) -> str:
+    """Per band of the short side of the file as stored, per condition: the ROC AUC inside the band and
+    the default label's false positives and catches with the counts behind them (an image left without a
+    verdict by the model's minimum size is neither). Bands: ``edges``, else those of the model's size
+    offsets, else < 320 / >= 320 px."""
+    found = verdicts(folder, model, conditions)
+    if found is None:
         return f"(no threshold for {model} in run.json: no table by size)"
+    info, tables = found
     edges = edges or [int(e) for e in (info.get("size_offsets") or {}).get("edges", [320])]
     bounds = [0, *edges, None]
     names = [f"< {hi}" if lo == 0 else (f">= {lo}" if hi is None else f"{lo}-{hi - 1}")
@@ -104,18 +142,14 @@ def by_size(folder: Path, model: str, conditions: list[str], edges: list[int] | 
     head = "| short side of the file (px) | " + " | ".join(
         f"{NAMES.get(c, c)}: AUC; reals / fakes called generated" for c in conditions) + " |"
     lines = [head, "|---|" + "---|" * len(conditions)]
-    tables = {c: pd.read_csv(folder / "robustness" / f"{condition_file(c)}_scores.csv") for c in conditions}
     for k, name in enumerate(names):
         cells = []
         for c in conditions:
             t = tables[c]
             side = t[["width", "height"]].min(axis=1)
             t = t[(side >= bounds[k]) & ((side < bounds[k + 1]) if bounds[k + 1] else True)]
-            logit, label = t[f"logit_{model}"], t["label"]
-            # an image under the model's minimum size (as the condition left it) gets no verdict: not flagged
-            judged = t["short_side"] >= info.get("min_side", 0) if "short_side" in t else True
-            flagged = (logit >= info["threshold"]) & judged
-            a = f"{auc(label.to_numpy(), logit.to_numpy()):.3f}" if label.nunique() == 2 else "-"
+            label, flagged = t["label"], t["flagged"]
+            a = f"{auc(label.to_numpy(), t[f'logit_{model}'].to_numpy()):.3f}" if label.nunique() == 2 else "-"
             cells.append(f"{a}; {int((flagged & (label == 0)).sum())}/{int((label == 0).sum())} / "
                          f"{int((flagged & (label == 1)).sum())}/{int((label == 1).sum())}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -134,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model}\n\n{overall(df, conditions)}\n\n{worst_source_auc(df, conditions)}\n")
     print(per_group(df, conditions, "real", "FPR", "n_real") + "\n")
     print(per_group(df, conditions, "fake", "recall", "n_fake") + "\n")
-    print(by_size(args.folder, model, conditions, args.edges))
+    print(by_size(args.folder, model, conditions, args.edges) + "\n")
+    print(label_intervals(args.folder, model, conditions))
     return 0
 
 

@@ -105,3 +105,18 @@ def test_auc_difference_interval_is_paired():
     assert 0.0 < low < high  # noise added to a score costs AUC, and the pairing sees it
     low, high = M.auc_difference_interval(y, good, good + rng.normal(scale=1e-3, size=200), n_boot=200)
     assert low <= 0.0 <= high
+
+
+def test_grouped_rate_interval_resamples_whole_groups():
+    """Equal rates in every group leave nothing to resample; one group holding every hit makes the
+    interval wide, far wider than the same hits spread evenly; the interval covers the rate."""
+    groups = np.repeat(np.arange(10), 20)
+    even = np.tile(np.r_[np.ones(2, bool), np.zeros(18, bool)], 10)  # 10% in every group
+    assert M.grouped_rate_interval(even, groups) == pytest.approx((0.1, 0.1))
+    lumped = groups == 0  # the same 10%, all in one source
+    low, high = M.grouped_rate_interval(lumped, groups)
+    assert low == 0.0 and high >= 0.25
+    assert low <= lumped.mean() <= high
+    assert np.isnan(M.grouped_rate_interval(np.array([], bool), np.array([]))[0])
+    with pytest.raises(ValueError):
+        M.grouped_rate_interval(even, groups[:5])
