@@ -536,3 +536,22 @@ def test_fused_rows_only_when_several_models_vote():
     models = [ModelSpec("a"), ModelSpec("b")]
     assert [m.name for m in with_fusion({"clean": frame.copy()}, models, "mean", [1.0, 0.0])] == ["a", "b"]
     assert [m.name for m in with_fusion({"clean": frame.copy()}, models, "mean", [1.0, 1.0])] == ["a", "b", "fused"]
+
+
+def test_label_intervals_resample_whole_sources():
+    """The ``all`` row's label intervals: a source whose every photo is called generated widens the
+    FPR interval far beyond the same false positives spread over every source."""
+    from detector.evaluation.groups import label_intervals
+
+    n = 10
+    df = pd.DataFrame({"source": np.repeat([f"s{i}" for i in range(n)], 10).tolist() + ["-"] * 20,
+                       "family": ["-"] * 100 + ["a"] * 10 + ["b"] * 10})
+    labels = np.r_[np.zeros(100, int), np.ones(20, int)]
+    keep = np.ones(120, bool)
+    spread = np.r_[np.tile(np.r_[True, np.zeros(9, bool)], n), np.ones(20, bool)]  # 1 in 10 in every source
+    lumped = np.r_[np.repeat(np.r_[True, np.zeros(n - 1, bool)], 10), np.ones(20, bool)]  # all of one source
+    even = label_intervals(df, labels, spread, keep)
+    uneven = label_intervals(df, labels, lumped, keep)
+    assert even["label_fpr_low"] == pytest.approx(0.1) and even["label_fpr_high"] == pytest.approx(0.1)
+    assert uneven["label_fpr_low"] == 0.0 and uneven["label_fpr_high"] >= 0.25
+    assert even["label_recall_low"] == even["label_recall_high"] == 1.0

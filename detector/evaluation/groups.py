@@ -151,7 +151,9 @@ def group_metrics(
     verdict on the rows whose ``short_side`` (the side it saw; without that column the stored
     ``width`` and ``height``) is under it (see :func:`metrics.summary`). With ``average``, an ``average`` row
     is the mean over the generator groups of each metric, except ``n_fake``, which is their sum,
-    and the AUC interval, which is a bootstrap of the mean AUC (:func:`metrics.mean_auc_interval`).
+    and the AUC interval, which is a bootstrap of the mean AUC (:func:`metrics.mean_auc_interval`). The
+    ``all`` row adds intervals of the label's FPR and recall over whole sources and families
+    (:func:`label_intervals`).
     """
     labels = df["label"].to_numpy(dtype=int)
     sides = short_sides(df)
@@ -167,6 +169,11 @@ def group_metrics(
             values = M.summary(labels[keep], scores[keep], threshold=model.threshold, temperature=model.temperature,
                                n_boot=0 if small else n_boot, seed=seed, judged=None if judged is None else judged[keep])
             rows.extend((group.name, model.name, k, float(v)) for k, v in values.items())
+            if group.kind == "all" and n_boot:
+                judged_all = np.ones(len(df), dtype=bool) if judged is None else judged
+                called = judged_all & (scores >= model.threshold)
+                rows.extend((group.name, model.name, k, v) for k, v in
+                            label_intervals(df, labels, called, keep, n_boot=n_boot, seed=seed).items())
             if small:
                 rows.append((group.name, model.name, "small", 1.0))
             if group.kind == "generator":
@@ -179,6 +186,25 @@ def group_metrics(
                                                                     n_boot=n_boot, seed=seed)
             rows.extend(("average", model.name, k, float(v)) for k, v in mean.items())
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
+
+
+def label_intervals(df: pd.DataFrame, labels: np.ndarray, called: np.ndarray, keep: np.ndarray, *,
+                    n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """95% intervals of the default label's false-positive rate and recall that resample whole groups:
+    real photos by ``source``, generated images by ``family`` (else ``generator``). A collection the
+    detector misreads moves the rate by all its images at once, so an interval over images would be
+    too narrow (:func:`metrics.grouped_rate_interval`). Rows outside ``keep`` are left out."""
+    out = {}
+    for label, name, column in ((0, "label_fpr", "source"), (1, "label_recall", "family")):
+        if column not in df:
+            column = "generator"
+        rows = keep & (labels == label)
+        if column not in df or not rows.any():
+            continue
+        low, high = M.grouped_rate_interval(called[rows], df[column].astype(str).to_numpy()[rows],
+                                            n_boot=n_boot, seed=seed)
+        out[f"{name}_low"], out[f"{name}_high"] = low, high
+    return out
 
 
 def short_sides(df: pd.DataFrame) -> np.ndarray:
