@@ -138,15 +138,16 @@ def grouped_rate_interval(
 
     Images of one source are not independent draws: a collection that the detector misreads moves the
     rate by all its images at once, so an interval over images is too narrow. Each replicate draws as
-    many groups as there are, with replacement, and pools their images. NaN when there are no images.
+    many groups as there are, with replacement, and pools their images. NaN with fewer than two groups
+    (one group's images cannot say how another group would fare).
     """
     hits = np.asarray(hits, dtype=bool)
     groups = np.asarray(groups)
     if hits.shape != groups.shape:
         raise ValueError(f"hits and groups differ in shape: {hits.shape} vs {groups.shape}")
-    if hits.size == 0 or n_boot < 1:
-        return float("nan"), float("nan")
     _, index = np.unique(groups, return_inverse=True)
+    if index.size == 0 or index.max() < 1 or n_boot < 1:
+        return float("nan"), float("nan")
     k = np.bincount(index, weights=hits).astype(np.float64)
     n = np.bincount(index).astype(np.float64)
     draws = np.random.default_rng(seed).integers(0, len(n), size=(n_boot, len(n)))

@@ -118,5 +118,6 @@ def test_grouped_rate_interval_resamples_whole_groups():
     assert low == 0.0 and high >= 0.25
     assert low <= lumped.mean() <= high
     assert np.isnan(M.grouped_rate_interval(np.array([], bool), np.array([]))[0])
+    assert np.isnan(M.grouped_rate_interval(even[:20], np.zeros(20))[1])  # one group says nothing
     with pytest.raises(ValueError):
         M.grouped_rate_interval(even, groups[:5])

@@ -191,13 +191,13 @@ def group_metrics(
 def label_intervals(df: pd.DataFrame, labels: np.ndarray, called: np.ndarray, keep: np.ndarray, *,
                     n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """95% intervals of the default label's false-positive rate and recall that resample whole groups:
-    real photos by ``source``, generated images by ``family`` (else ``generator``). A collection the
+    real photos by ``source`` (no interval without it), generated images by ``family`` (else
+    ``generator``). A collection the
     detector misreads moves the rate by all its images at once, so an interval over images would be
     too narrow (:func:`metrics.grouped_rate_interval`). Rows outside ``keep`` are left out."""
     out = {}
-    for label, name, column in ((0, "label_fpr", "source"), (1, "label_recall", "family")):
-        if column not in df:
-            column = "generator"
+    family = "family" if "family" in df else "generator"
+    for label, name, column in ((0, "label_fpr", "source"), (1, "label_recall", family)):
         rows = keep & (labels == label)
         if column not in df or not rows.any():
             continue
