@@ -491,8 +491,23 @@ def _metrics_tables(path: Path) -> str:
         table_rows = ([group] + [_number(values.get(key, ""), key.startswith("n_")) for key, _ in shown]
                       for group, values in groups.items())
         parts.append(f"<h3>{_esc(model)}</h3>"
-                     + _table(["group"] + [name for _, name in shown], table_rows, [False] + [True] * len(shown)))
+                     + _table(["group"] + [name for _, name in shown], table_rows, [False] + [True] * len(shown))
+                     + _label_intervals(groups.get("all", {})))
     return "".join(parts)
+
+
+def _label_intervals(values: dict[str, str]) -> str:
+    """One sentence under a model's table: the label's FPR and recall of the ``all`` row with their
+    intervals over whole sources and families (``detector.evaluation.groups.label_intervals``), if any."""
+    acc_real, acc_fake = _float(values.get("acc_real")), _float(values.get("acc_fake"))
+    parts = []
+    for rate, key, name, over in ((None if acc_real is None else 1 - acc_real, "label_fpr", "false-positive rate",
+                                   "photo sources"),
+                                  (acc_fake, "label_recall", "recall", "generator families")):
+        low, high = _float(values.get(f"{key}_low")), _float(values.get(f"{key}_high"))
+        if rate is not None and low is not None and high is not None:
+            parts.append(f"label {name} {rate:.3f} [{low:.3f}, {high:.3f}] (95% interval resampling whole {over})")
+    return f"<p>All images: {_esc('; '.join(parts))}.</p>" if parts else ""
 
 
 def _png(path: Path, alt: str) -> str:

@@ -141,7 +141,10 @@ def test_report_command_writes_beside_the_csv(tmp_path):
 
 def _fake_evaluation(folder: Path, image: Path) -> None:
     folder.mkdir()
-    rows = [("all", "m", "auc", "0.75"), ("all", "m", "n_real", "3"), ("all", "m", "n_fake", "2"), ("gan", "m", "auc", "0.5")]
+    rows = [("all", "m", "auc", "0.75"), ("all", "m", "n_real", "3"), ("all", "m", "n_fake", "2"), ("gan", "m", "auc", "0.5"),
+            ("all", "m", "acc_real", "0.9"), ("all", "m", "acc_fake", "0.8"), ("all", "m", "label_fpr_low", "0.02"),
+            ("all", "m", "label_fpr_high", "0.25"), ("all", "m", "label_recall_low", "0.6"),
+            ("all", "m", "label_recall_high", "0.95")]
     (folder / "metrics.csv").write_text("group,model,metric,value\n" + "".join(",".join(r) + "\n" for r in rows))
     (folder / "auc.csv").write_text("group,m\nall,0.75\ngan,0.5\n")
     (folder / "acc.csv").write_text("group,m\nall,0.6\ngan,0.5\n")
@@ -166,6 +169,7 @@ def test_evaluation_report(tmp_path):
     assert logits == [1.5, -0.5, -2.5]  # the reals (label 0: k = 0, 2, 4), most fake first
     assert worst_reals.count("<td>fake</td></tr>") == 1 and worst_reals.count("<td>real</td></tr>") == 2  # threshold 0
     assert "0.750" in page and "AUC" in page
+    assert "label false-positive rate 0.100 [0.020, 0.250]" in page and "recall 0.800 [0.600, 0.950]" in page
     result = CliRunner().invoke(main, ["report", str(tmp_path / "eval"), "-o", str(tmp_path / "e.html")])
     assert result.exit_code == 0 and (tmp_path / "e.html").is_file()
 
