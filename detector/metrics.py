@@ -130,6 +130,13 @@ def mean_auc_interval(
     return _percentiles(aucs.mean(axis=1), level)
 
 
+def label_calls(scores: np.ndarray, threshold: float = 0.0, judged: np.ndarray | None = None) -> np.ndarray:
+    """Where the default label says "generated": the score reaches the threshold and the image got a
+    verdict (``judged``; an image under a detector's minimum size gets none)."""
+    called = np.asarray(scores, dtype=np.float64) >= threshold
+    return called if judged is None else called & np.asarray(judged, dtype=bool)
+
+
 def grouped_rate_interval(
     hits: np.ndarray, groups: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
@@ -333,7 +340,7 @@ def summary(
             yj, sj = y, s
         else:
             judged = np.asarray(judged, dtype=bool)
-            called = judged & (s >= threshold)
+            called = label_calls(s, threshold, judged)
             acc_real = float(np.mean(~called[y == 0])) if (y == 0).any() else float("nan")
             acc_fake = float(np.mean(called[y == 1])) if (y == 1).any() else float("nan")
             yj, sj = y[judged], s[judged]

@@ -18,11 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from detector.evaluation.report import condition_file  # noqa: E402
-from detector.metrics import auc, grouped_rate_interval  # noqa: E402
+from detector.evaluation.groups import label_intervals as evaluation_label_intervals  # noqa: E402
+from detector.metrics import auc, label_calls  # noqa: E402
 from wild_probe import family  # noqa: E402
 
 NAMES = {"none": "as stored", "center:256+jpeg:90": "crop 256 + JPEG 90", "resize:0.5": "50% downscale",
@@ -101,14 +103,14 @@ def verdicts(folder: Path, model: str, conditions: list[str]) -> tuple[dict, dic
     tables = {}
     for c in conditions:
         t = pd.read_csv(folder / "robustness" / f"{condition_file(c)}_scores.csv")
-        judged = t["short_side"] >= info.get("min_side", 0) if "short_side" in t else True
-        tables[c] = t.assign(flagged=(t[f"logit_{model}"] >= info["threshold"]) & judged)
+        judged = t["short_side"].to_numpy() >= info.get("min_side", 0) if "short_side" in t else None
+        tables[c] = t.assign(flagged=label_calls(t[f"logit_{model}"].to_numpy(), info["threshold"], judged))
     return info, tables
 
 
 def label_intervals(folder: Path, model: str, conditions: list[str]) -> str:
     """The default label's FPR and recall per condition with 95% intervals that resample whole photo
-    sources and generator families (``detector.metrics.grouped_rate_interval``): images of one
+    sources and generator families (``detector.evaluation.groups.label_intervals``): images of one
     collection are not independent draws, so these are wider than intervals over images."""
     found = verdicts(folder, model, conditions)
     if found is None:
@@ -116,12 +118,15 @@ def label_intervals(folder: Path, model: str, conditions: list[str]) -> str:
     lines = ["| condition | label FPR [95% CI over sources] | photos (sources) | label recall [95% CI over families] "
              "| generated (families) |", "|---|---|---|---|---|"]
     for c, t in found[1].items():
-        cells = []
         # groups as the campaign's split makes them: a photo's source, a generator's family (wild_probe.family)
-        for label, groups in ((0, t["source"].astype(str)), (1, t["generator"].astype(str).map(family))):
-            part, groups = t[t["label"] == label], groups[t["label"] == label]
-            low, high = grouped_rate_interval(part["flagged"].to_numpy(), groups.to_numpy())
-            cells += [f"{part['flagged'].mean():.3f} [{low:.3f}, {high:.3f}]", f"{len(part)} ({groups.nunique()})"]
+        t = t.assign(family=t["generator"].astype(str).map(family))
+        labels, called = t["label"].to_numpy(dtype=int), t["flagged"].to_numpy()
+        ci = evaluation_label_intervals(t, labels, called, np.ones(len(t), dtype=bool), n_boot=2000)
+        cells = []
+        for label, name, column in ((0, "label_fpr", "source"), (1, "label_recall", "family")):
+            part = t[labels == label]
+            cells += [f"{part['flagged'].mean():.3f} [{ci[name + '_low']:.3f}, {ci[name + '_high']:.3f}]",
+                      f"{len(part)} ({part[column].nunique()})"]
         lines.append(f"| {NAMES.get(c, c)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -170,8 +170,7 @@ def group_metrics(
                                n_boot=0 if small else n_boot, seed=seed, judged=None if judged is None else judged[keep])
             rows.extend((group.name, model.name, k, float(v)) for k, v in values.items())
             if group.kind == "all" and n_boot:
-                judged_all = np.ones(len(df), dtype=bool) if judged is None else judged
-                called = judged_all & (scores >= model.threshold)
+                called = M.label_calls(scores, model.threshold, judged)
                 rows.extend((group.name, model.name, k, v) for k, v in
                             label_intervals(df, labels, called, keep, n_boot=n_boot, seed=seed).items())
             if small:
@@ -192,9 +191,9 @@ def label_intervals(df: pd.DataFrame, labels: np.ndarray, called: np.ndarray, ke
                     n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """95% intervals of the default label's false-positive rate and recall that resample whole groups:
     real photos by ``source`` (no interval without it), generated images by ``family`` (else
-    ``generator``). A collection the
-    detector misreads moves the rate by all its images at once, so an interval over images would be
-    too narrow (:func:`metrics.grouped_rate_interval`). Rows outside ``keep`` are left out."""
+    ``generator``). A collection the detector misreads moves the rate by all its images at once, so an
+    interval over images would be too narrow (:func:`metrics.grouped_rate_interval`). Rows outside
+    ``keep`` are left out."""
     out = {}
     family = "family" if "family" in df else "generator"
     for label, name, column in ((0, "label_fpr", "source"), (1, "label_recall", family)):
