@@ -500,12 +500,12 @@ def _label_intervals(values: dict[str, str]) -> str:
     """One sentence under a model's table: the label's FPR and recall of the ``all`` row with their
     intervals over whole sources and families (``detector.evaluation.groups.label_intervals``), if any."""
     acc_real, acc_fake = _float(values.get("acc_real")), _float(values.get("acc_fake"))
+    rates = {"label_fpr": ("false-positive rate", None if acc_real is None else 1 - acc_real, "photo sources"),
+             "label_recall": ("recall", acc_fake, "generator families")}
     parts = []
-    for rate, key, name, over in ((None if acc_real is None else 1 - acc_real, "label_fpr", "false-positive rate",
-                                   "photo sources"),
-                                  (acc_fake, "label_recall", "recall", "generator families")):
+    for key, (name, rate, over) in rates.items():
         low, high = _float(values.get(f"{key}_low")), _float(values.get(f"{key}_high"))
-        if rate is not None and low is not None and high is not None:
+        if None not in (rate, low, high):
             parts.append(f"label {name} {rate:.3f} [{low:.3f}, {high:.3f}] (95% interval resampling whole {over})")
     return f"<p>All images: {_esc('; '.join(parts))}.</p>" if parts else ""
 
