@@ -675,6 +675,12 @@ def cmd_sources(args) -> None:
     print(f"real photos over the threshold ({cal.get('threshold', 0.0):.3f}, offsets taken off), out of fold, "
           f"per source; {int((counts['all'] > 0).sum())} of {len(counts)} sources have at least one")
     print(counts.head(args.top).to_string())
+    stored = counts["stored"] / counts["photos"]  # each source's own false-positive rate as stored
+    print("as stored, share of each source's photos called generated: median "
+          + f"{stored.median():.3f}; " + ", ".join(f"over {t:.0%}: {int((stored > t).sum())} sources"
+                                                   for t in (0.05, 0.10, 0.25))
+          + "; highest: " + ", ".join(f"{g} {r:.3f} of {int(counts.loc[g, 'photos'])}"
+                                      for g, r in stored.sort_values(ascending=False).head(5).items()))
 
 
 def main(argv: list[str] | None = None) -> int:
